@@ -1,0 +1,114 @@
+"""
+The shared Prometheus registry, process and reactor metrics, and the
+scrape-time view of the host's services.
+
+Names follow C{appliance_<service>_<what>_<unit>}; labels are bounded
+(service names, outcomes), never peers, paths or request ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+import appliance
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0)
+"""SLO-friendly latency buckets (seconds) shared by every service."""
+
+
+def new_registry() -> CollectorRegistry:
+    """
+    A registry with process, platform and garbage-collector metrics.
+    """
+    prometheus_client.disable_created_metrics()
+    registry = CollectorRegistry(auto_describe=True)
+    prometheus_client.ProcessCollector(registry=registry)
+    prometheus_client.PlatformCollector(registry=registry)
+    prometheus_client.GCCollector(registry=registry)
+    return registry
+
+
+class ReactorMonitor(Service):
+    """
+    Measures how late the reactor runs a timer (a blocked reactor shows up
+    as lag) and reports its readers, writers and pending timers.
+    """
+
+    log = Logger()
+    interval = 0.5
+
+    def __init__(self, reactor: Any, registry: CollectorRegistry) -> None:
+        self._reactor = reactor
+        self.setName("reactor-monitor")
+        self._lag = Histogram(
+            "appliance_reactor_lag_seconds",
+            "How late the reactor ran a timer scheduled every 0.5s.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        registry.register(_ReactorCollector(reactor))
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._expected: float | None = None
+
+    def startService(self) -> None:
+        """Start sampling."""
+        Service.startService(self)
+        self._expected = None
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        """Stop sampling."""
+        Service.stopService(self)
+        if self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> None:
+        now = self._reactor.seconds()
+        if self._expected is not None:
+            self._lag.observe(max(0.0, now - self._expected))
+        self._expected = now + self.interval
+
+
+class _ReactorCollector(Collector):
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def collect(self) -> Iterable[Metric]:
+        reactor = self._reactor
+        for name, getter, text in (
+            ("appliance_reactor_readers", "getReaders", "File descriptors watched for reading."),
+            ("appliance_reactor_writers", "getWriters", "File descriptors watched for writing."),
+            ("appliance_reactor_delayed_calls", "getDelayedCalls", "Timers pending."),
+        ):
+            method = getattr(reactor, getter, None)
+            if method is not None:
+                yield GaugeMetricFamily(name, text, value=len(method()))
+
+
+class CallbackCollector(Collector):
+    """
+    A collector that yields whatever C{produce} returns at scrape time.
+    """
+
+    def __init__(self, produce: Callable[[], Iterable[Metric]]) -> None:
+        self._produce = produce
+
+    def collect(self) -> Iterable[Metric]:
+        return self._produce()
+
+
+def info_metric() -> GaugeMetricFamily:
+    """C{appliance_info{version}} = 1."""
+    family = GaugeMetricFamily("appliance_info", "Appliance version.", labels=["version"])
+    family.add_metric([appliance.__version__], 1)
+    return family
