@@ -49,7 +49,8 @@ class ApplianceProcess:
 
     def output(self) -> str:
         """Everything the process printed so far."""
-        self._output.flush()
+        if not self._output.closed:
+            self._output.flush()
         return self.output_path.read_text(errors="replace")
 
     def log_lines(self) -> list[dict[str, Any]]:

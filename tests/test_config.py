@@ -132,3 +132,12 @@ def test_random_files_give_config_or_config_error(tmp_path: Path, text: str) -> 
         load_config(str(path), PLUGINS, {})
     except ConfigError as error:
         assert error.problems
+
+
+def test_examples_are_valid() -> None:
+    """Every commented example in etc/examples/ loads without a problem."""
+    examples = sorted(Path("etc/examples").glob("*.ini"))
+    assert examples
+    for example in examples:
+        config = load_config(str(example), PLUGINS, {})
+        assert config.services, example

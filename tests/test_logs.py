@@ -7,7 +7,7 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.logger import LogLevel, Logger, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher
 
 from appliance.host.logs import (
     RedactingLineObserver,

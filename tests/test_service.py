@@ -70,6 +70,8 @@ class RecordingPlugin:
 
 
 ADMIN = "[admin]\nlisten = tcp:0:interface=127.0.0.1\n"
+LOOPBACK = "listen = tcp:0:interface=127.0.0.1\n"
+ECHO = "[echo]\n" + LOOPBACK
 
 
 def refused(port: int) -> bool:
@@ -86,8 +88,8 @@ async def test_ordered_start_and_reverse_drained_stop(reactor: Any, tmp_path: Pa
     """Services start in plugin order and stop listening, then drain, in reverse."""
     journal: list[str] = []
     plugins = [RecordingPlugin("first", 1, journal), RecordingPlugin("second", 2, journal)]
-    root = start_appliance(reactor, tmp_path, ADMIN + "[second]\nlisten = tcp:0\n"
-                           "[first]\nlisten = tcp:0\n", plugins)
+    root = start_appliance(reactor, tmp_path, ADMIN + "[second]\n" + LOOPBACK +
+                           "[first]\n" + LOOPBACK, plugins)
     assert journal == ["start first", "start second"]
     assert root.readiness().ready
     await root.stopService()
@@ -108,7 +110,7 @@ async def test_start_failure_stops_what_started(reactor: Any, tmp_path: Path) ->
     path = tmp_path
     with pytest.raises(StartError, match=f"cannot start second: cannot listen on "
                                          f"tcp:{taken}:interface=127.0.0.1") as caught:
-        start_appliance(reactor, path, ADMIN + "[first]\nlisten = tcp:0\n"
+        start_appliance(reactor, path, ADMIN + "[first]\n" + LOOPBACK +
                         f"[second]\nlisten = tcp:{taken}:interface=127.0.0.1\n", plugins)
     blocker.close()
     await caught.value.stopped
@@ -119,7 +121,7 @@ async def test_start_failure_stops_what_started(reactor: Any, tmp_path: Path) ->
 @pytest_twisted.ensureDeferred
 async def test_drain_finishes_in_flight_work(reactor: Any, tmp_path: Path) -> None:
     """While draining: in-flight echo completes, /readyz is 503, new connections refused."""
-    root = start_appliance(reactor, tmp_path, ADMIN + "[echo]\nlisten = tcp:0\ndelay = 500ms\n")
+    root = start_appliance(reactor, tmp_path, ADMIN + ECHO + "delay = 500ms\n")
     echo_port = port_of(root, "echo")
     client = await connect_line_client(reactor, echo_port)
     client.transport.write(b"in-flight\n")
@@ -136,8 +138,8 @@ async def test_drain_finishes_in_flight_work(reactor: Any, tmp_path: Path) -> No
 @pytest_twisted.ensureDeferred
 async def test_shutdown_timeout_closes_stragglers(reactor: Any, tmp_path: Path) -> None:
     """Work that outlives shutdown_timeout is cut off and the stop still completes."""
-    root = start_appliance(reactor, tmp_path, ADMIN + "[appliance]\nshutdown_timeout = 200ms\n"
-                           "[echo]\nlisten = tcp:0\ndelay = 1h\n")
+    root = start_appliance(reactor, tmp_path, ADMIN + "[appliance]\nshutdown_timeout = 200ms\n" +
+                           ECHO + "delay = 1h\n")
     client = await connect_line_client(reactor, port_of(root, "echo"))
     client.transport.write(b"never answered\n")
     await deferLater(reactor, 0.05, lambda: None)
@@ -148,15 +150,15 @@ async def test_shutdown_timeout_closes_stragglers(reactor: Any, tmp_path: Path) 
 @pytest_twisted.ensureDeferred
 async def test_reload_applies_valid_and_keeps_on_invalid(reactor: Any, tmp_path: Path) -> None:
     """SIGHUP reload applies a valid change and keeps the running config on a bad one."""
-    root = start_appliance(reactor, tmp_path, ADMIN + "[echo]\nlisten = tcp:0\n")
+    root = start_appliance(reactor, tmp_path, ADMIN + ECHO)
     path = tmp_path / "appliance.ini"
     echo = root.hosted[0]
     try:
-        path.write_text(ADMIN + "[echo]\nlisten = tcp:0\ndelay = 10ms\n")
+        path.write_text(ADMIN + ECHO + "delay = 10ms\n")
         await root.reload()
         assert echo.config.delay == 0.01
         assert root.reload_results["applied"] == 1
-        path.write_text(ADMIN + "[echo]\nlisten = tcp:0\ndelay = nope\nbogus = 1\n")
+        path.write_text(ADMIN + ECHO + "delay = nope\nbogus = 1\n")
         await root.reload()
         assert echo.config.delay == 0.01
         assert root.reload_results["invalid"] == 1
@@ -175,8 +177,9 @@ async def test_redis_down_is_reported_not_fatal(reactor: Any, tmp_path: Path) ->
     dead.bind(("127.0.0.1", 0))
     port = dead.getsockname()[1]
     dead.close()
-    root = start_appliance(reactor, tmp_path, ADMIN + f"[appliance]\nredis = redis://127.0.0.1:{port}/0\n"
-                           "redis_timeout = 300ms\n[echo]\nlisten = tcp:0\n")
+    root = start_appliance(reactor, tmp_path, ADMIN +
+                           f"[appliance]\nredis = redis://127.0.0.1:{port}/0\n"
+                           "redis_timeout = 300ms\n[echo]\nlisten = tcp:0:interface=127.0.0.1\n")
     try:
         await deferLater(reactor, 0.8, lambda: None)
         assert root.status()["dependencies"]["redis"]["state"] == "down"
@@ -206,7 +209,7 @@ async def test_redis_up_with_real_server(reactor: Any, tmp_path: Path, redis_ser
 def test_unknown_service_section_fails_load(tmp_path: Path) -> None:
     """A section nobody owns stops the load."""
     path = tmp_path / "x.ini"
-    path.write_text("[nosuchservice]\nlisten = tcp:0\n")
+    path.write_text("[nosuchservice]\nlisten = tcp:0:interface=127.0.0.1\n")
     from appliance.host.config import load_config
 
     with pytest.raises(ConfigError, match="unknown section"):

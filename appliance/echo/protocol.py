@@ -20,7 +20,7 @@ class EchoProtocol(LineReceiver, TimeoutMixin):
     """
 
     delimiter = b"\n"
-    factory: "EchoFactory"
+    factory: EchoFactory
 
     def __init__(self) -> None:
         self._pending: set[IDelayedCall] = set()

@@ -9,7 +9,8 @@ token when one is configured.
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.http import HTTPChannel

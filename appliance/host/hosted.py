@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from appliance.host.drain import ConnectionTracker
-from appliance.host.listener import ListenError, Listener
+from appliance.host.listener import Listener, ListenError
 from appliance.host.plugin import READY, IHostedService, Readiness, ReloadNotSupported
 from appliance.host.runtime import Runtime
 

@@ -181,7 +181,7 @@ class Section:
 
     raw: RawSection
     problems: list[ConfigProblem]
-    config: "ConfigReader"
+    config: ConfigReader
     _read: set[str] = field(factory=set)
 
     @property
@@ -229,7 +229,7 @@ class Section:
             file = raw.file if raw is not None else self.raw.file
         self.problems.append(ConfigProblem(file, self.raw.name, key, message))
 
-    def children(self, kind: str) -> Iterator[tuple[str, "Section"]]:
+    def children(self, kind: str) -> Iterator[tuple[str, Section]]:
         """
         Yield C{(label, section)} for each C{[<name>.<kind>:<label>]} section.
         """

@@ -9,15 +9,15 @@ import json
 import re
 import secrets
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     formatEvent,
 )
 from zope.interface import implementer
@@ -98,7 +98,7 @@ def _timestamp(event: dict[str, Any]) -> str:
     when = event.get("log_time")
     if when is None:
         return "-"
-    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
 
 
 def _level_name(event: dict[str, Any]) -> str:

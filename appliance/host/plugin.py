@@ -49,14 +49,14 @@ class IServicePlugin(Interface):
     )
     description = Attribute("One line saying what the service does.")
 
-    def parse(section: "Section") -> Any:
+    def parse(section: Section) -> Any:
         """
         Validate the service's section (and its C{[name.kind:label]}
         children) into a frozen config object. Record problems on the
         section (C{section.get} does that) rather than raising.
         """
 
-    def build(config: Any, runtime: "Runtime") -> "IHostedService":
+    def build(config: Any, runtime: Runtime) -> IHostedService:
         """
         Return the service for C{config}, not yet started.
         """
@@ -117,11 +117,11 @@ class ServicePlugin:
             self._loaded.append(importlib.import_module(self.module))
         return self._loaded[0]
 
-    def parse(self, section: "Section") -> Any:
+    def parse(self, section: Section) -> Any:
         """Delegate to the service module's C{parse}."""
         return self._module().parse(section)
 
-    def build(self, config: Any, runtime: "Runtime") -> "IHostedService":
+    def build(self, config: Any, runtime: Runtime) -> IHostedService:
         """Delegate to the service module's C{build}."""
         return self._module().build(config, runtime)  # type: ignore[no-any-return]
 

@@ -31,6 +31,6 @@ class Runtime:
     reactor: Any
     clock: Any
     metrics: CollectorRegistry
-    redis: "RedisLink | None"
+    redis: RedisLink | None
     log: Logger
     shutdown_timeout: float

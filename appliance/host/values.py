@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 from twisted.internet.endpoints import serverFromString
 

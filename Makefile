@@ -1,0 +1,28 @@
+# The README's two commands: `make run` and `make test`. Both create the
+# virtualenv (.venv) on first use and refresh it when setup.cfg changes.
+
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+CONFIG ?= etc/appliance.ini
+
+.PHONY: run test check-config clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# compat mode: a default editable install hides the twistd plugin.
+	$(VENV)/bin/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/twistd --nodaemon --pidfile= appliance --config $(CONFIG)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+check-config: $(STAMP)
+	$(VENV)/bin/appliance check-config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
