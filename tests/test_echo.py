@@ -15,7 +15,7 @@ from appliance.host.drain import ConnectionTracker
 
 def make_factory(**overrides: object) -> tuple[EchoFactory, Clock, CollectorRegistry]:
     """An echo factory with a fake clock and its own registry."""
-    settings = dict(listen="tcp:0", max_line_length=16, delay=0.0, idle_timeout=60.0,
+    settings = dict(listen="tcp:0", tls=None, max_line_length=16, delay=0.0, idle_timeout=60.0,
                     max_connections=2)
     settings.update(overrides)
     clock = Clock()

@@ -12,6 +12,7 @@ from appliance.host.values import in_range, parse_duration, parse_endpoint, pars
 class EchoConfig:
     """
     @ivar listen: endpoint string to accept connections on.
+    @ivar tls: name of the C{[tls:NAME]} context to serve TLS with, if any.
     @ivar max_line_length: longest line accepted, in bytes.
     @ivar delay: how long each line is held before it is echoed (simulated
         work, handy to exercise load balancers and drains).
@@ -20,6 +21,7 @@ class EchoConfig:
     """
 
     listen: str
+    tls: str | None
     max_line_length: int
     delay: float
     idle_timeout: float
@@ -30,6 +32,7 @@ def parse(section: Section) -> EchoConfig:
     """Validate C{[echo]}."""
     return EchoConfig(
         listen=section.get("listen", parse_endpoint, "tcp:9471:interface=127.0.0.1"),
+        tls=section.reference("tls", "tls", None),
         max_line_length=section.get("max_line_length", in_range(parse_size, 1, 16 * 1024**2),
                                     64 * 1024),
         delay=section.get("delay", in_range(parse_duration, 0, 3600), 0.0),

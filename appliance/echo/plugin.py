@@ -36,7 +36,7 @@ class EchoService(HostedService):
                              ["reason"], registry=runtime.metrics),
         )
         self.factory = EchoFactory(config, runtime.clock, self.tracker, metrics)
-        self.listen(config.listen, self.factory, "tcp")
+        self.listen(config.listen, self.factory, "tls" if config.tls else "tcp", tls=config.tls)
 
     @property
     def config(self) -> EchoConfig:
@@ -45,8 +45,8 @@ class EchoService(HostedService):
 
     def reload(self, config: EchoConfig) -> Deferred[None] | None:
         """Apply limits and delay to new lines; the listen address needs a restart."""
-        if config.listen != self.config.listen:
-            raise ReloadNotSupported("echo listen address changed: restart to apply")
+        if (config.listen, config.tls) != (self.config.listen, self.config.tls):
+            raise ReloadNotSupported("echo listen or tls changed: restart to apply")
         self.factory.config = config
         return None
 

@@ -166,7 +166,7 @@ class AdminService(HostedService):
         site = AdminSite(root, reactor=runtime.reactor)
         site.tracker = self.tracker  # type: ignore[attr-defined]
         site.timeOut = 30
-        self.listen(config.listen, site, "http")
+        self.listen(config.listen, site, "https" if config.tls else "http", tls=config.tls)
 
 
 def _authorized(request: Request, token: Secret) -> bool:

@@ -21,6 +21,7 @@ from appliance.host.redis import RedisLink
 from appliance.host.runtime import Runtime
 from appliance.host.sdnotify import Notifier
 from appliance.host.service import ApplianceService
+from appliance.host.tls_registry import TLSRegistry
 
 
 def build_appliance(
@@ -42,10 +43,12 @@ def build_appliance(
     clock = clock if clock is not None else reactor
     redis = (RedisLink(config.host.redis, clock)
              if config.host.redis is not None else None)
+    tls = TLSRegistry(config.tls_servers, config.tls_clients, reactor, registry)
     runtime = Runtime(
         reactor=reactor, clock=clock, metrics=registry, redis=redis,
         log=Logger(namespace="appliance"),
         shutdown_timeout=config.host.shutdown_timeout,
+        tls=tls,
     )
     services: list[IHostedService] = [
         entry.plugin.build(entry.config, runtime) for entry in config.services
@@ -53,7 +56,7 @@ def build_appliance(
     reload_config: Callable[[], Deferred[ApplianceConfig]] | None = None
     if plugins is not None:
         reload_config = _threaded_loader(reactor, config.path, plugins)
-    support: list[IService] = []
+    support: list[IService] = [tls]
     if redis is not None:
         support.append(redis)
     support.append(ReactorMonitor(reactor, registry))

@@ -16,6 +16,12 @@ from attrs import frozen
 from appliance.host.ini import ConfigError, ConfigProblem, ConfigReader, Section, read_ini
 from appliance.host.plugin import IServicePlugin
 from appliance.host.secret import Secret
+from appliance.host.tls_config import (
+    ClientTLSConfig,
+    ServerTLSConfig,
+    parse_client_tls,
+    parse_server_tls,
+)
 from appliance.host.values import (
     one_of,
     parse_bool,
@@ -69,6 +75,7 @@ class AdminConfig:
 
     listen: str
     token: Secret | None
+    tls: str | None = None
 
 
 @frozen
@@ -97,6 +104,8 @@ class ApplianceConfig:
     host: HostConfig
     admin: AdminConfig
     services: tuple[ServiceConfig, ...]
+    tls_servers: tuple[ServerTLSConfig, ...] = ()
+    tls_clients: tuple[ClientTLSConfig, ...] = ()
 
     def service(self, name: str) -> ServiceConfig | None:
         """The enabled service called C{name}, if any."""
@@ -121,6 +130,10 @@ def load_config(
     reader = ConfigReader(raw, problems)
     host = _parse_host(reader.section("appliance"), environ)
     admin = _parse_admin(reader.section("admin"), environ)
+    tls_servers = tuple(parse_server_tls(name, section, environ)
+                        for name, section in reader.labelled("tls"))
+    tls_clients = tuple(parse_client_tls(name, section)
+                        for name, section in reader.labelled("tls-client"))
     services = []
     for plugin in plugins:
         if not reader.present(plugin.name):
@@ -143,6 +156,8 @@ def load_config(
         host=host,
         admin=admin,
         services=tuple(services),
+        tls_servers=tls_servers,
+        tls_clients=tls_clients,
     )
 
 
@@ -200,6 +215,7 @@ def _parse_admin(section: Section, environ: Mapping[str, str] | None) -> AdminCo
     return AdminConfig(
         listen=section.get("listen", parse_endpoint, DEFAULT_ADMIN_LISTEN),
         token=secret_or_none(section, "token", environ),
+        tls=section.reference("tls", "tls", None),
     )
 
 
@@ -218,7 +234,8 @@ _UNKNOWN = re.compile(r"^unknown (key|section)$")
 def _suggest(problems: list[ConfigProblem], reader: ConfigReader,
              plugins: Sequence[IServicePlugin]) -> None:
     """Add 'did you mean' hints to unknown-name problems."""
-    sections = ["appliance", "admin"] + [str(p.name) for p in plugins]
+    sections = ["appliance", "admin", "tls:NAME", "tls-client:NAME"] + [
+        str(p.name) for p in plugins]
     for index, problem in enumerate(problems):
         match = _UNKNOWN.match(problem.message)
         if match is None:

@@ -38,11 +38,16 @@ class HostedService(Service):
         self.tracker = ConnectionTracker(runtime.clock, name)
 
     def listen(self, description: str, factory: IProtocolFactory,
-               label: str = "") -> Listener:
+               label: str = "", tls: str | None = None) -> Listener:
         """
-        Declare a listener, bound when the service starts.
+        Declare a listener, bound when the service starts; with C{tls}, the
+        host wraps it in the named shared TLS context (this works for
+        socket-activated ports too).
         """
+        if tls is not None:
+            factory = self.runtime.tls.wrap(tls, factory)
         listener = Listener(self.runtime.reactor, description, factory, label)
+        listener.tls = tls
         self.listeners.append(listener)
         return listener
 
@@ -115,7 +120,7 @@ class HostedService(Service):
             "reason": readiness.reason,
             "listeners": [
                 {"name": listener.name, "endpoint": listener.description,
-                 "address": listener.address()}
+                 "address": listener.address(), "tls": listener.tls}
                 for listener in self.listeners
             ],
             "connections": len(self.tracker),

@@ -220,6 +220,20 @@ class Section:
             self.problem(key, str(error), file=raw.file)
             return INVALID  # type: ignore[no-any-return]
 
+    def reference(self, key: str, kind: str, default: Any = _REQUIRED) -> Any:
+        """
+        Read the name of a C{[kind:NAME]} section (a shared TLS context, say)
+        and check that the section exists.
+        """
+        name = self.get(key, str, default)
+        if name is INVALID or name is None or name == default:
+            return name
+        name = name.strip()
+        if not self.config.present(f"{kind}:{name}"):
+            self.problem(key, f"there is no [{kind}:{name}] section")
+            return INVALID
+        return name
+
     def problem(self, key: str | None, message: str, file: str | None = None) -> None:
         """
         Record a problem with C{key} (or the whole section when None).
@@ -291,6 +305,19 @@ class ConfigReader:
     def present(self, name: str) -> bool:
         """Whether section C{name} appears in any file."""
         return name in self.raw.sections
+
+    def labelled(self, kind: str) -> list[tuple[str, Section]]:
+        """Claim and return every C{[kind:LABEL]} section as (label, section)."""
+        found = []
+        for name in list(self.raw.sections):
+            if name.startswith(kind + ":"):
+                label = name[len(kind) + 1:]
+                section = self.section(name)
+                if not label:
+                    section.problem(None, "needs a name after the colon")
+                    continue
+                found.append((label, section))
+        return found
 
     def finish(self) -> None:
         """

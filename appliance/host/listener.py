@@ -34,6 +34,7 @@ class Listener:
         self.factory = factory
         self.name = name or description
         self.port: IListeningPort | None = None
+        self.tls: str | None = None
 
     def start(self) -> None:
         """

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from appliance.host.redis import RedisLink
+    from appliance.host.tls_registry import TLSRegistry
 
 
 @frozen
@@ -26,6 +27,7 @@ class Runtime:
     @ivar redis: the shared Redis link, or None when none is configured.
     @ivar log: the host's logger; services make their own with a namespace.
     @ivar shutdown_timeout: how long draining may take, in seconds.
+    @ivar tls: the named TLS contexts (C{[tls:NAME]}, C{[tls-client:NAME]}).
     """
 
     reactor: Any
@@ -34,3 +36,4 @@ class Runtime:
     redis: RedisLink | None
     log: Logger
     shutdown_timeout: float
+    tls: "TLSRegistry"

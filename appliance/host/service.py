@@ -218,6 +218,7 @@ class ApplianceService(MultiService):
             "dependencies": {
                 "redis": self.redis.status() if self.redis is not None else {"state": "disabled"},
             },
+            "tls": self.runtime.tls.status(),
         }
 
     # -- reload --------------------------------------------------------------
@@ -258,6 +259,7 @@ class ApplianceService(MultiService):
             return
         self._warn_restart_needed(new)
         set_log_level(new.host.log_level)
+        self.runtime.tls.apply(new.tls_servers, new.tls_clients)
         by_name = {service.name: service for service in self.hosted}
         for entry in new.services:
             service = by_name.get(entry.name)
