@@ -27,7 +27,6 @@ from appliance.host.values import (
     parse_bool,
     parse_duration,
     parse_endpoint,
-    resolve_secret,
 )
 
 EX_CONFIG = 78
@@ -127,10 +126,10 @@ def load_config(
     """
     problems: list[ConfigProblem] = []
     raw = read_ini(path, problems)
-    reader = ConfigReader(raw, problems)
-    host = _parse_host(reader.section("appliance"), environ)
-    admin = _parse_admin(reader.section("admin"), environ)
-    tls_servers = tuple(parse_server_tls(name, section, environ)
+    reader = ConfigReader(raw, problems, environ)
+    host = _parse_host(reader.section("appliance"))
+    admin = _parse_admin(reader.section("admin"))
+    tls_servers = tuple(parse_server_tls(name, section)
                         for name, section in reader.labelled("tls"))
     tls_clients = tuple(parse_client_tls(name, section)
                         for name, section in reader.labelled("tls-client"))
@@ -161,29 +160,23 @@ def load_config(
     )
 
 
-def secret_or_none(section: Section, key: str,
-                   environ: Mapping[str, str] | None = None) -> Secret | None:
-    """
-    Read an optional secret reference from C{section}.
-    """
-    if not section.has(key):
-        section.mark_read(key)
-        return None
-    return section.get(key, lambda text: resolve_secret(text, environ))
+def secret_or_none(section: Section, key: str) -> Secret | None:
+    """Read an optional secret reference from C{section}."""
+    return section.secret(key, None)  # type: ignore[no-any-return]
 
 
-def _parse_host(section: Section, environ: Mapping[str, str] | None) -> HostConfig:
+def _parse_host(section: Section) -> HostConfig:
     return HostConfig(
         shutdown_timeout=section.get("shutdown_timeout", parse_duration, 30.0),
         shutdown_delay=section.get("shutdown_delay", parse_duration, 0.0),
         log_level=section.get("log_level", one_of("debug", "info", "warn", "error"), "info"),
-        redis=_parse_redis(section, environ),
+        redis=_parse_redis(section),
     )
 
 
-def _parse_redis(section: Section, environ: Mapping[str, str] | None) -> RedisConfig | None:
+def _parse_redis(section: Section) -> RedisConfig | None:
     url = section.get("redis", str, "").strip()
-    password = secret_or_none(section, "redis_password", environ)
+    password = secret_or_none(section, "redis_password")
     timeout = section.get("redis_timeout", parse_duration, 2.0)
     required = section.get("redis_required", parse_bool, True)
     if not url:
@@ -211,10 +204,10 @@ def _parse_redis(section: Section, environ: Mapping[str, str] | None) -> RedisCo
     )
 
 
-def _parse_admin(section: Section, environ: Mapping[str, str] | None) -> AdminConfig:
+def _parse_admin(section: Section) -> AdminConfig:
     return AdminConfig(
         listen=section.get("listen", parse_endpoint, DEFAULT_ADMIN_LISTEN),
-        token=secret_or_none(section, "token", environ),
+        token=secret_or_none(section, "token"),
         tls=section.reference("tls", "tls", None),
     )
 

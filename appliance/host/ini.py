@@ -9,7 +9,7 @@ from __future__ import annotations
 import configparser
 import glob
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from attrs import define, field, frozen
@@ -220,6 +220,16 @@ class Section:
             self.problem(key, str(error), file=raw.file)
             return INVALID  # type: ignore[no-any-return]
 
+    def secret(self, key: str, default: Any = _REQUIRED) -> Any:
+        """
+        Read a secret reference (C{${env:NAME}} or C{file:/path}) and
+        resolve it; required unless a default (usually None) is given.
+        """
+        from appliance.host.values import resolve_secret
+
+        environ = self.config.environ
+        return self.get(key, lambda text: resolve_secret(text, environ), default)
+
     def reference(self, key: str, kind: str, default: Any = _REQUIRED) -> Any:
         """
         Read the name of a C{[kind:NAME]} section (a shared TLS context, say)
@@ -288,6 +298,7 @@ class ConfigReader:
 
     raw: RawConfig
     problems: list[ConfigProblem]
+    environ: Mapping[str, str] | None = None
     _claimed: dict[str, Section] = field(factory=dict)
 
     def section(self, name: str) -> Section:

@@ -36,4 +36,4 @@ class Runtime:
     redis: RedisLink | None
     log: Logger
     shutdown_timeout: float
-    tls: "TLSRegistry"
+    tls: TLSRegistry

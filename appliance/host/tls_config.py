@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from attrs import field, frozen
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from appliance.host.ini import Section
 from appliance.host.secret import Secret
-from appliance.host.values import in_range, one_of, parse_duration, parse_list, resolve_secret
+from appliance.host.values import in_range, one_of, parse_duration, parse_list
 
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -132,11 +131,10 @@ class ClientTLSConfig:
     ca_certificates: tuple[x509.Certificate, ...] = field(eq=False, repr=False, default=())
 
 
-def parse_server_tls(name: str, section: Section,
-                     environ: Mapping[str, str] | None = None) -> ServerTLSConfig:
+def parse_server_tls(name: str, section: Section) -> ServerTLSConfig:
     """Read and validate a C{[tls:NAME]} section, loading its files."""
     base = os.path.dirname(section.file)
-    key_password = section.get("key_password", lambda text: resolve_secret(text, environ), None)
+    key_password = section.secret("key_password", None)
     certificate = section.get("certificate", _path(base))
     key = section.get("key", _path(base))
     client_ca = section.get("client_ca", _path(base), None)

@@ -22,3 +22,10 @@ echo = ServicePlugin(
     order=10,
     description="Line echo over TCP: the example of the service contract.",
 )
+
+pow_service = ServicePlugin(
+    name="pow",
+    module="appliance.pow.plugin",
+    order=20,
+    description="Proof-of-work TCP quote server.",
+)
