@@ -15,13 +15,18 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) var/pow-dev.key
 	$(VENV)/bin/twistd --nodaemon --pidfile= appliance --config $(CONFIG)
 
-test: $(STAMP)
+# A random development key for the shipped config's [pow.key:dev].
+var/pow-dev.key:
+	mkdir -p var
+	umask 077 && head -c 48 /dev/urandom | base64 > $@
+
+test: $(STAMP) var/pow-dev.key
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-check-config: $(STAMP)
+check-config: $(STAMP) var/pow-dev.key
 	$(VENV)/bin/appliance check-config $(CONFIG)
 
 clean:

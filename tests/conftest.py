@@ -5,6 +5,9 @@ canary check that fails the session if a secret leaked anywhere.
 
 from __future__ import annotations
 
+import base64
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +18,18 @@ from tests.harness.fixtures import *  # noqa: F401,F403  (server fixtures)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Watch every in-process log event for the canary secret."""
+    """Watch every log event for the canary; create the dev key the shipped config names."""
     globalLogPublisher.addObserver(canary.observe)
+    ensure_dev_key()
+
+
+def ensure_dev_key() -> None:
+    """What `make run` does: a random var/pow-dev.key for etc/appliance.ini."""
+    key = Path(__file__).resolve().parent.parent / "var" / "pow-dev.key"
+    if not key.exists():
+        key.parent.mkdir(exist_ok=True)
+        key.write_text(base64.b64encode(os.urandom(48)).decode() + "\n")
+        key.chmod(0o600)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -32,7 +32,7 @@ def problems_of(path: Path, environ: dict[str, str] | None = None) -> list[str]:
 def test_shipped_config_is_valid() -> None:
     """etc/appliance.ini loads with echo enabled on loopback."""
     config = load_config("etc/appliance.ini", PLUGINS)
-    assert [s.name for s in config.services] == ["echo"]
+    assert [s.name for s in config.services] == ["echo", "pow"]
     assert config.admin.listen.endswith("interface=127.0.0.1")
     assert config.host.shutdown_timeout == 30.0
     assert config.host.redis is None
@@ -139,5 +139,5 @@ def test_examples_are_valid() -> None:
     examples = sorted(Path("etc/examples").glob("*.ini"))
     assert examples
     for example in examples:
-        config = load_config(str(example), PLUGINS, {})
+        config = load_config(str(example), PLUGINS, {"APPLIANCE_POW_KEY": "k" * 40})
         assert config.services, example

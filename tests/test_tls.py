@@ -297,7 +297,7 @@ def test_garbage_and_stalled_handshakes(tls_appliance: Any) -> None:
     process: ApplianceProcess = tls_appliance["process"]
     with tls_connect(port, client_context(ca)) as good:
         with connect(port) as garbage:
-            garbage.sendall(b"\x16\x03\x01" + os.urandom(64) + b"\r\nGET / HTTP/1.1\r\n\r\n")
+            garbage.sendall(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n" + bytes(range(256)))
             assert closed_after_at_most_an_alert(garbage)
         with connect(port) as stalled:
             stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # truncated hello

@@ -41,6 +41,8 @@ def test_shipped_config_smoke(tmp_path: Path) -> None:
         with connect(9471) as client:
             client.sendall(b"smoke\n")
             assert client.recv(100) == b"smoke\n"
+        quote = run_command("appliance-pow", "127.0.0.1:9472", "--json", "--workers", "2")
+        assert quote.returncode == 0 and json.loads(quote.stdout)["difficulty"] == 20
         process.signal(signal.SIGTERM)
         assert process.wait() == 0
         assert any(line["message"] == "appliance stopped" for line in process.log_lines())
@@ -125,7 +127,7 @@ def test_check_config_accepts_good_config() -> None:
     """check-config prints a summary and exits 0 for the shipped file."""
     result = run_command("appliance", "check-config", str(ROOT / "etc" / "appliance.ini"))
     assert result.returncode == 0
-    assert "OK" in result.stdout and "services: echo" in result.stdout
+    assert "OK" in result.stdout and "services: echo, pow" in result.stdout
     result = run_command("twistd", "appliance", "--check", "--config",
                          str(ROOT / "etc" / "appliance.ini"))
     assert result.returncode == 0 and "OK" in result.stdout

@@ -228,7 +228,9 @@ class Section:
         from appliance.host.values import resolve_secret
 
         environ = self.config.environ
-        return self.get(key, lambda text: resolve_secret(text, environ), default)
+        raw = self.raw.values.get(key)
+        base = os.path.dirname(raw.file if raw is not None else self.raw.file)
+        return self.get(key, lambda text: resolve_secret(text, environ, base), default)
 
     def reference(self, key: str, kind: str, default: Any = _REQUIRED) -> Any:
         """

@@ -174,12 +174,14 @@ def parse_endpoint(text: str) -> str:
 _NO_REACTOR = object()
 
 
-def resolve_secret(text: str, environ: Mapping[str, str] | None = None) -> Secret:
+def resolve_secret(text: str, environ: Mapping[str, str] | None = None,
+                   base: str | None = None) -> Secret:
     """
     Resolve a secret reference: C{${env:NAME}} or C{file:/path}.
 
     Literal values are refused so that no secret ever sits in an ini file.
-    A secret file must not be readable or writable by group or others.
+    A secret file must not be readable or writable by group or others; a
+    relative path is taken from C{base} (the config file's folder).
     """
     environ = os.environ if environ is None else environ
     reference = text.strip()
@@ -190,7 +192,10 @@ def resolve_secret(text: str, environ: Mapping[str, str] | None = None) -> Secre
             raise ValueError(f"environment variable {name} is not set")
         value = environ[name]
     elif reference.startswith(_FILE_REF):
-        value = _read_secret_file(reference[len(_FILE_REF) :])
+        path = reference[len(_FILE_REF) :]
+        if base is not None and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(base, path))
+        value = _read_secret_file(path)
     else:
         raise ValueError(
             "expected a secret reference ${env:NAME} or file:/path; "
