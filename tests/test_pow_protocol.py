@@ -283,7 +283,8 @@ def test_memory_replay_set_never_forgets_live_entries() -> None:
     assert spent.claim("c", 20) and len(spent) == 1
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.binary(max_size=40), max_size=8))
 def test_random_input_never_breaks_the_protocol(harness: Harness, chunks: list[bytes]) -> None:
     """Random bytes yield only typed ERROR frames (or nothing yet), never an exception."""
