@@ -1,5 +1,6 @@
 """
-The C{appliance} command: operator tools that run without the reactor.
+The C{appliance} command: operator tools that run without the reactor
+(C{check-config}, C{audit-verify}).
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def check_config(path: str) -> int:
     return 0
 
 
+def audit_verify(paths: Sequence[str]) -> int:
+    """Verify audit log files; print the result; return 0, 1 (damaged) or 2 (unreadable)."""
+    from appliance.host.audit_verify import verify
+
+    result = verify(paths)
+    if result.ok:
+        print(result.describe())
+        for note in result.notes:
+            print(f"note: {note}")
+    else:
+        print(result.describe(), file=sys.stderr)
+    return result.exit_status
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -50,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", metavar="FILE")
+    audit = commands.add_parser(
+        "audit-verify", help="check the hash chain of audit log files (any order)")
+    audit.add_argument("files", metavar="FILE", nargs="+")
     return parser
 
 
@@ -58,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "audit-verify":
+        return audit_verify(args.files)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,732 @@
+"""
+The tamper-evident audit log every service writes its decisions to.
+
+Append-only JSON lines chained by SHA-256 (format and verification in
+L{appliance.host.audit_verify}). The caller's thread (the reactor) redacts,
+serialises and hashes each event; one dedicated writer thread, fed by a
+bounded queue, does every write, fsync and rotation. See C{docs/audit.md}.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from attrs import define, frozen
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+
+from appliance.host.audit_verify import (
+    GENESIS,
+    MAX_LINE_BYTES,
+    RECOVERED_EVENT,
+    RecordError,
+    Tail,
+    build_line,
+    line_hash,
+    parse_record,
+    read_tail,
+    rfc3339,
+)
+from appliance.host.ini import Section
+from appliance.host.metrics import LATENCY_BUCKETS
+from appliance.host.redact import MASK, redact_value
+from appliance.host.values import in_range, one_of, parse_duration, parse_int, parse_size
+
+FSYNC_POLICIES = ("always", "interval", "never")
+
+RESERVED_FIELDS = frozenset({"seq", "time", "prev"})
+"""Field names the chain owns; an event using one is refused."""
+
+MAX_EVENT_CHARS = 16384
+"""Most characters of text (keys and strings) one event may carry."""
+
+_CREDENTIAL_KEY = re.compile(
+    r"password|passwd|passphrase|secret|token|authorization|apikey|accesskey"
+    r"|privatekey|credential|cookie"
+)
+_OPAQUE_RUN = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z0-9+.-]{128,}")
+_SEPARATOR = "\x00"
+_MAX_DEPTH = 32
+_BATCH = 512
+
+
+@frozen
+class AuditConfig:
+    """The C{[audit]} section."""
+
+    path: str
+    fsync: str = "interval"
+    fsync_interval: float = 1.0
+    rotate_size: int = 100 * 1024 * 1024
+    keep: int = 10
+    queue_size: int = 10000
+
+
+def parse_audit(section: Section) -> AuditConfig | None:
+    """
+    Read the C{[audit]} section; None when the section is absent.
+
+    Problems are recorded on C{section}; when any was recorded the returned
+    object must not be used (the config loader refuses the whole config).
+    """
+    if not section.config.present(section.name):
+        return None
+    path = section.get("path", str)
+    if isinstance(path, str):
+        path = path.strip()
+        if not os.path.isabs(path) or path.endswith("/"):
+            section.problem("path", f"expected an absolute file path, got {path!r}")
+    return AuditConfig(
+        path=path,
+        fsync=section.get("fsync", one_of(*FSYNC_POLICIES), "interval"),
+        fsync_interval=section.get("fsync_interval", in_range(parse_duration, 0.001), 1.0),
+        rotate_size=section.get("rotate_size", _whole(parse_size, 1024), 100 * 1024**2),
+        keep=section.get("keep", _whole(parse_int, 0, 1000), 10),
+        queue_size=section.get("queue_size", _whole(parse_int, 1, 10_000_000), 10000),
+    )
+
+
+def _whole(convert: Callable[[str], int], low: int, high: int | None = None,
+           ) -> Callable[[str], int]:
+    checked = in_range(convert, low, high)
+    return lambda text: int(checked(text))
+
+
+class AuditError(Exception):
+    """Base class of the audit log's errors."""
+
+
+class AuditEventError(AuditError, ValueError):
+    """The event cannot be recorded (wrong type, reserved field, too large)."""
+
+
+class AuditQueueFull(AuditError):
+    """The writer is behind by C{queue_size} lines; the event was not recorded."""
+
+
+class AuditWriteError(AuditError):
+    """The event was not recorded because writing or syncing the file failed."""
+
+
+class AuditClosed(AuditError):
+    """The audit log is not running."""
+
+
+class AuditOpenError(AuditError):
+    """The existing log cannot be continued safely; an operator must look."""
+
+
+@functools.lru_cache(maxsize=4096)
+def credential_key(name: str) -> bool:
+    """Whether a field name looks like it holds a credential (its value is masked)."""
+    return _CREDENTIAL_KEY.search(re.sub(r"[^a-z0-9]", "", name.lower())) is not None
+
+
+def encode_fields(event: Mapping[str, Any]) -> bytes:
+    """
+    Redact and serialise an event's fields (sorted, compact, ASCII), without
+    the surrounding braces. Raises L{AuditEventError}.
+
+    Every string (keys included) passes through L{redact_value}; values of
+    credential-like keys become C{[REDACTED]}; runs of 128 or more
+    letters, digits and C{+.-} (tokens, keys, blobs) are masked first, which
+    also keeps the redaction patterns' cost bounded.
+    """
+    if not isinstance(event, Mapping):
+        raise AuditEventError("an audit event is a mapping of field names to values")
+    for key in event:
+        if key in RESERVED_FIELDS:
+            raise AuditEventError(f"field {key!r} is reserved for the audit chain")
+    texts: list[str] = []
+    template = _collect(event, 0, texts)
+    if sum(len(text) for text in texts) > MAX_EVENT_CHARS:
+        raise AuditEventError(f"event text longer than {MAX_EVENT_CHARS} characters")
+    cleaned = _fill(template, _redact_all(texts))
+    text = json.dumps(cleaned, separators=(",", ":"), sort_keys=True,
+                      ensure_ascii=True, allow_nan=False)
+    return text[1:-1].encode("ascii")
+
+
+def _redact_all(texts: list[str]) -> list[str]:
+    """
+    Redact every text. Fast path: when the texts joined by NUL (which every
+    pattern treats like the start or end of a text) come out of redaction
+    unchanged, no text alone would change either, and the texts are kept.
+    Otherwise each text is redacted on its own (cost: one pass per text).
+    """
+    if not any(_SEPARATOR in text for text in texts):
+        joined = _SEPARATOR.join(texts)
+        if redact_value(_OPAQUE_RUN.sub(MASK, joined)) == joined:
+            return texts
+    return [str(redact_value(_OPAQUE_RUN.sub(MASK, text))) for text in texts]
+
+
+class _Slot:
+    """Where the redacted text number C{index} goes."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class _Fields:
+    """A mapping's (key slot, value template) pairs."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[tuple[_Slot, Any]]) -> None:
+        self.items = items
+
+
+def _collect(value: Any, depth: int, texts: list[str]) -> Any:
+    """Check C{value} and return a template with every text replaced by a slot."""
+    if depth > _MAX_DEPTH:
+        raise AuditEventError(f"event nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, (str, bytes)):
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        texts.append(value)
+        return _Slot(len(texts) - 1)
+    if type(value) is dict or isinstance(value, Mapping):
+        items = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise AuditEventError(f"field names must be strings, got {type(key).__name__}")
+            slot = _collect(key, depth, texts)
+            items.append((slot, MASK if credential_key(key)
+                          else _collect(item, depth + 1, texts)))
+        return _Fields(items)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise AuditEventError("cannot record an integer outside the 64-bit range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise AuditEventError("cannot record a NaN or infinite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_collect(item, depth + 1, texts) for item in value]
+    raise AuditEventError(f"cannot record a value of type {type(value).__name__}")
+
+
+def _fill(template: Any, texts: list[str]) -> Any:
+    if isinstance(template, _Slot):
+        return texts[template.index]
+    if isinstance(template, _Fields):
+        return {texts[slot.index]: _fill(item, texts) for slot, item in template.items}
+    if isinstance(template, list):
+        return [_fill(item, texts) for item in template]
+    return template  # a number, a boolean, None or MASK
+
+
+@define(eq=False)
+class _Line:
+    data: bytes
+    seq: int
+    digest: str
+    deferred: Deferred[int]
+
+
+@define(eq=False)
+class _Sync:
+    deferred: Deferred[None] | None
+
+
+@define(eq=False)
+class _Stop:
+    deferred: Deferred[None]
+
+
+class AuditLog(Service):
+    """
+    The audit log service: C{write(event)} returns a Deferred firing with the
+    line's seq once it is written (and fsynced under C{fsync = always}).
+
+    One instance per metrics registry (the metric names are fixed).
+    """
+
+    log = Logger()
+
+    def __init__(self, config: AuditConfig, reactor: Any, registry: CollectorRegistry,
+                 clock: Any = None) -> None:
+        self.setName("audit")
+        self.config = config
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self._cond = threading.Condition()
+        self._items: collections.deque[_Line | _Sync | _Stop] = collections.deque()
+        self._depth = 0
+        self._next_seq = 0
+        self._prev = GENESIS
+        self._failure: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: Deferred[None] | None = None
+        self._sync_call: Any = None
+        self._full_logged = False
+        # Writer-thread state.
+        self._fd = -1
+        self._size = 0
+        self._dirty = False
+        self._good = (0, -1, GENESIS)  # offset after, seq and hash of the last line on disk
+        self._lines = Counter("appliance_audit_lines", "Audit lines written.",
+                              registry=registry)
+        self._errors = Counter("appliance_audit_write_errors",
+                               "Audit events not recorded, by reason.", ["reason"],
+                               registry=registry)
+        for reason in ("queue_full", "invalid", "io", "closed"):
+            self._errors.labels(reason)
+        Gauge("appliance_audit_queue_depth", "Audit lines waiting for the writer thread.",
+              registry=registry).set_function(lambda: self._depth)
+        self._fsync_seconds = Histogram("appliance_audit_fsync_seconds",
+                                        "Time spent in fsync of the audit file.",
+                                        buckets=LATENCY_BUCKETS, registry=registry)
+
+    # -- reactor side --------------------------------------------------------
+
+    def startService(self) -> None:
+        """Open (and if needed recover) the file, then start the writer thread."""
+        self._open()
+        self._stopped, self._failure, self._dirty = None, None, False
+        self._next_seq, self._prev = self._good[1] + 1, self._good[2]
+        Service.startService(self)
+        self._thread = threading.Thread(target=self._run, name="appliance-audit-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def write(self, event: Mapping[str, Any]) -> Deferred[int]:
+        """
+        Record C{event}; fails at once with L{AuditQueueFull},
+        L{AuditEventError}, L{AuditWriteError} or L{AuditClosed}.
+        """
+        if not self.running:
+            return self._refuse(AuditClosed("the audit log is not running"), "closed")
+        try:
+            fields = encode_fields(event)
+        except AuditEventError as error:
+            return self._refuse(error, "invalid")
+        when = rfc3339(self._clock.seconds())
+        deferred: Deferred[int] = Deferred()
+        with self._cond:
+            if self._failure is not None:
+                refused: tuple[AuditError, str] | None = (AuditWriteError(self._failure), "io")
+            elif self._depth >= self.config.queue_size:
+                refused = (AuditQueueFull(
+                    f"audit queue full ({self._depth} lines waiting): the disk is not "
+                    "keeping up; event not recorded"), "queue_full")
+            else:
+                line = build_line(self._next_seq, when, self._prev, fields)
+                if len(line) > MAX_LINE_BYTES:
+                    refused = (AuditEventError(
+                        f"event too large ({len(line)} bytes, at most {MAX_LINE_BYTES})"),
+                        "invalid")
+                else:
+                    refused = None
+                    digest = line_hash(line)
+                    self._items.append(_Line(line, self._next_seq, digest, deferred))
+                    self._depth += 1
+                    self._next_seq += 1
+                    self._prev = digest
+                    self._cond.notify()
+        if refused is not None:
+            return self._refuse(*refused)
+        self._full_logged = False
+        if self.config.fsync == "interval" and self._sync_call is None:
+            self._sync_call = self._clock.callLater(self.config.fsync_interval,
+                                                    self._sync_due)
+        return deferred
+
+    def flush(self) -> Deferred[None]:
+        """Fires once every line queued so far is written and fsynced."""
+        if self._thread is None or self._stopped is not None:
+            return fail(AuditClosed("the audit log is not running"))
+        deferred: Deferred[None] = Deferred()
+        self._enqueue(_Sync(deferred))
+        return deferred
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Fires once everything queued is written and fsynced, the file is
+        closed and the writer thread has exited. Safe to call twice.
+        """
+        if self._stopped is None:
+            Service.stopService(self)
+            self._stopped = Deferred()
+            if self._sync_call is not None and self._sync_call.active():
+                self._sync_call.cancel()
+            self._sync_call = None
+            if self._thread is None:
+                self._stopped.callback(None)
+            else:
+                self._enqueue(_Stop(self._stopped))
+        return self._stopped
+
+    def status(self) -> dict[str, Any]:
+        """What C{/status} shows about the audit log."""
+        return {"path": self.config.path, "fsync": self.config.fsync,
+                "next_seq": self._next_seq, "queue_depth": self._depth,
+                "failed": self._failure}
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """C{(seq, hash)} of the last line accepted; export it to anchor the chain."""
+        return self._next_seq - 1, self._prev
+
+    def _refuse(self, error: AuditError, reason: str) -> Deferred[Any]:
+        self._errors.labels(reason).inc()
+        if reason == "queue_full" and not self._full_logged:
+            self._full_logged = True
+            self.log.error("audit: {error}", error=str(error))
+        return fail(error)
+
+    def _sync_due(self) -> None:
+        self._sync_call = None
+        if self._stopped is None:
+            self._enqueue(_Sync(None))
+
+    def _enqueue(self, item: _Sync | _Stop) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+
+    def _deliver(self, results: list[tuple[Deferred[Any], Any]]) -> None:
+        for deferred, outcome in results:
+            if isinstance(outcome, BaseException):
+                deferred.errback(outcome)
+            else:
+                deferred.callback(outcome)
+
+    def _writer_exited(self, results: list[tuple[Deferred[Any], Any]],
+                       stopped: Deferred[None]) -> None:
+        self._deliver(results)
+        if self._thread is not None:
+            self._thread.join()
+        stopped.callback(None)
+
+    def _report(self, message: str, **fields: Any) -> None:
+        """Log from the writer thread, via the reactor."""
+        self._reactor.callFromThread(self.log.error, message, **fields)
+
+    # -- writer thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                batch: list[_Line | _Sync | _Stop] = []
+                while self._items and len(batch) < _BATCH:
+                    item = self._items.popleft()
+                    batch.append(item)
+                    if isinstance(item, _Line):
+                        self._depth -= 1
+            results: list[tuple[Deferred[Any], Any]] = []
+            stop = next((item for item in batch if isinstance(item, _Stop)), None)
+            try:
+                self._process(batch, results, final=stop is not None)
+            except Exception as error:  # a bug: fail safe rather than die silently
+                self._fail(f"audit writer error: {error!r}")
+                done = {id(d) for d, _ in results}
+                results += [(item.deferred, AuditWriteError(self._failure or ""))
+                            for item in batch
+                            if not isinstance(item, _Stop) and item.deferred is not None
+                            and id(item.deferred) not in done]
+            if stop is not None:
+                self._close()
+                self._reactor.callFromThread(self._writer_exited, results, stop.deferred)
+                return
+            if results:
+                self._reactor.callFromThread(self._deliver, results)
+
+    def _process(self, batch: list[Any], results: list[tuple[Deferred[Any], Any]],
+                 final: bool) -> None:
+        pending: list[_Line] = []  # written, waiting for the batch's fsync
+        broken: AuditError | None = None
+        for item in batch:
+            if isinstance(item, _Line):
+                if self._failure is not None:
+                    self._lost(item, AuditWriteError(self._failure), results)
+                elif broken is not None:
+                    self._lost(item, broken, results)
+                else:
+                    broken = self._write_line(item, pending, results)
+            elif isinstance(item, _Sync):
+                error = self._sync_if_dirty()
+                self._ack(pending, results, error)
+                if item.deferred is not None:
+                    results.append((item.deferred, error))
+        if self.config.fsync == "always" or final:
+            self._ack(pending, results, self._sync_if_dirty())
+        else:
+            self._ack(pending, results, None)
+
+    def _write_line(self, item: _Line, pending: list[_Line],
+                    results: list[tuple[Deferred[Any], Any]]) -> AuditError | None:
+        """Write one line (rotating first if needed); on failure undo and purge."""
+        needed = len(item.data) + 1
+        if self._size > 0 and self._size + needed > self.config.rotate_size:
+            try:
+                self._rotate()
+            except OSError as error:
+                self._fail(f"rotating {self.config.path} failed: {error}; restart needed")
+                broken = AuditWriteError(self._failure or "")
+                self._lost(item, broken, results)
+                return broken
+        try:
+            self._write_all(self._fd, item.data + b"\n")
+        except OSError as error:
+            return self._undo(item, pending, results, error)
+        self._size += needed
+        self._dirty = True
+        self._good = (self._size, item.seq, item.digest)
+        self._lines.inc()
+        if self.config.fsync == "always":
+            pending.append(item)
+        else:
+            results.append((item.deferred, item.seq))
+        return None
+
+    def _undo(self, item: _Line, pending: list[_Line],
+              results: list[tuple[Deferred[Any], Any]], error: OSError) -> AuditError:
+        """
+        A write failed (disk full, I/O error): cut the file back to the last
+        whole line and restart the chain from it, failing every line already
+        chained on the lost one. The next write tries again.
+        """
+        broken = AuditWriteError(f"writing {self.config.path} failed: {error.strerror or error}")
+        offset, seq, digest = self._good
+        try:
+            os.ftruncate(self._fd, offset)
+            self._size = offset
+        except OSError as cut:
+            self._fail(f"cannot cut {self.config.path} back after a failed write: {cut}; "
+                       "restart needed")
+        with self._cond:
+            queued = [queued for queued in self._items if isinstance(queued, _Line)]
+            for queued_line in queued:
+                self._items.remove(queued_line)
+            self._depth = 0
+            self._next_seq, self._prev = seq + 1, digest
+        for lost in [item, *queued]:
+            self._lost(lost, broken, results)
+        self._report("audit: {error}; {count} event(s) not recorded",
+                     error=str(broken), count=1 + len(queued))
+        return broken
+
+    def _lost(self, item: _Line, error: AuditError,
+              results: list[tuple[Deferred[Any], Any]]) -> None:
+        self._errors.labels("io").inc()
+        results.append((item.deferred, error))
+
+    def _ack(self, pending: list[_Line], results: list[tuple[Deferred[Any], Any]],
+             error: AuditError | None) -> None:
+        for line in pending:
+            if error is not None:
+                self._lost(line, error, results)
+            else:
+                results.append((line.deferred, line.seq))
+        pending.clear()
+
+    def _sync_if_dirty(self) -> AuditError | None:
+        if self._failure is not None:
+            return AuditWriteError(self._failure)
+        if not self._dirty:
+            return None
+        try:
+            self._fsync(self._fd)
+        except OSError as error:
+            # After a failed fsync the kernel may have dropped the dirty pages:
+            # nothing written since the last good fsync can be trusted.
+            self._fail(f"fsync of {self.config.path} failed: {error.strerror or error}; "
+                       "restart needed")
+            return AuditWriteError(self._failure or "")
+        self._dirty = False
+        return None
+
+    def _fail(self, reason: str) -> None:
+        with self._cond:
+            if self._failure is None:
+                self._failure = reason
+        self._report("audit log failed: {reason}", reason=reason)
+
+    def _close(self) -> None:
+        self._sync_if_dirty()
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+
+    # -- files -----------------------------------------------------------------
+
+    def _open(self) -> None:
+        """
+        Find where the chain ends (the newest non-empty file) and open the
+        current file for appending; seal a torn last line first.
+        """
+        path = self.config.path
+        if os.path.lexists(_recovering_name(path)):  # a crash interrupted a recovery
+            os.unlink(_recovering_name(path))
+        names = [path] + [f"{path}.{n}" for n in range(1, max(self.config.keep, 1) + 1)]
+        for index, name in enumerate(names):
+            tail = read_tail(name)
+            if tail is None:
+                continue
+            if tail.torn_bytes:
+                seq, digest = self._recover(names, index, tail)
+            else:
+                seq, digest = _record_state(name, tail)
+                if index > 0:
+                    self.log.warn("audit: {path} is missing or empty; continuing the chain "
+                                  "from {older}", path=path, older=name)
+            break
+        else:
+            seq, digest = -1, GENESIS
+        self._fd = self._open_append()
+        self._size = os.fstat(self._fd).st_size
+        self._good = (self._size, seq, digest)
+
+    def _recover(self, names: list[str], index: int, tail: Tail) -> tuple[int, str]:
+        """
+        Seal a torn last line (a crash during a write): the file is kept as
+        it is (rotated away if it is the current one) and a new current file
+        starts with an C{audit.recovered} line naming the torn bytes' length
+        and hash, chained on the last complete line.
+        """
+        name = names[index]
+        if tail.last is not None or tail.too_long:
+            seq, digest = _record_state(name, tail)
+        else:
+            seq, digest = -1, GENESIS
+            for older in names[index + 1:]:
+                before = read_tail(older)
+                if before is None:
+                    continue
+                if before.torn_bytes:
+                    raise AuditOpenError(f"{name} and {older} both end with a torn line; "
+                                         "run 'appliance audit-verify' and move them aside")
+                seq, digest = _record_state(older, before)
+                break
+        if index == 0:
+            self._shift(max(self.config.keep, 1))
+        fields = encode_fields({
+            "event": RECOVERED_EVENT, "reason": "torn last line after a crash",
+            "torn_bytes": tail.torn_bytes, "torn_sha256": tail.torn_sha256,
+        })
+        line = build_line(seq + 1, rfc3339(self._clock.seconds()), digest, fields)
+        temporary = _recovering_name(self.config.path)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self._write_all(fd, line + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.config.path)
+        _fsync_directory(self.config.path)
+        self.log.warn(
+            "audit: {file} ended with a torn line ({count} bytes, sha256 {sha}); kept it "
+            "and continued the chain in a new {path} (seq {seq})",
+            file=names[1] if index == 0 else name, count=tail.torn_bytes,
+            sha=tail.torn_sha256, path=self.config.path, seq=seq + 1)
+        return seq + 1, line_hash(line)
+
+    def _rotate(self) -> None:
+        """Seal the current file (fsync, close, shift the old ones), open a new one."""
+        if self._dirty:
+            self._fsync(self._fd)
+            self._dirty = False
+        os.close(self._fd)
+        self._fd = -1
+        self._shift(self.config.keep)
+        self._fd = self._open_append()
+        self._size = 0
+        self._good = (0, *self._good[1:])
+
+    def _shift(self, keep: int) -> None:
+        """audit.jsonl -> .1 -> .2 ...; files beyond C{keep} are deleted."""
+        path = self.config.path
+        extra = keep + 1
+        while os.path.lexists(f"{path}.{extra}"):
+            os.unlink(f"{path}.{extra}")
+            extra += 1
+        for number in range(keep - 1, 0, -1):
+            if os.path.lexists(f"{path}.{number}"):
+                os.replace(f"{path}.{number}", f"{path}.{number + 1}")
+        if keep >= 1:
+            os.replace(path, f"{path}.1")
+        else:
+            os.unlink(path)
+        _fsync_directory(path)
+
+    def _open_append(self) -> int:
+        created = not os.path.exists(self.config.path)
+        fd = os.open(self.config.path,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if created:
+            _fsync_directory(self.config.path)
+        return fd
+
+    # Overridable for tests that simulate a slow or failing disk.
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def _fsync(self, fd: int) -> None:
+        started = time.perf_counter()
+        os.fsync(fd)
+        self._fsync_seconds.observe(time.perf_counter() - started)
+
+
+
+
+def _record_state(path: str, tail: Tail) -> tuple[int, str]:
+    """C{(seq, hash)} of an existing file's last line, or L{AuditOpenError}."""
+    try:
+        if tail.last is None:
+            raise RecordError(f"line longer than {MAX_LINE_BYTES} bytes")
+        record = parse_record(tail.last)
+    except RecordError as error:
+        raise AuditOpenError(
+            f"{path}: the last line is not an audit record ({error}); run "
+            "'appliance audit-verify' on the files and move them aside to start a new log"
+        ) from None
+    return record["seq"], line_hash(tail.last)
+
+
+def _recovering_name(path: str) -> str:
+    """Where a recovery line is prepared (hidden, so C{audit.jsonl*} skips it)."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.recovering")
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a create or rename in C{path}'s directory durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "AuditClosed", "AuditConfig", "AuditError", "AuditEventError", "AuditLog",
+    "AuditOpenError", "AuditQueueFull", "AuditWriteError", "FSYNC_POLICIES",
+    "MAX_EVENT_CHARS", "RESERVED_FIELDS", "credential_key", "encode_fields", "parse_audit",
+]
