@@ -98,3 +98,9 @@ def test_redaction_masks_remembered_values_in_any_text(prefix: str, suffix: str)
     """A remembered secret never survives redaction, whatever surrounds it."""
     remember_secret("Zq9-remembered-secret")
     assert "Zq9-remembered-secret" not in redact(prefix + "Zq9-remembered-secret" + suffix)
+
+
+def test_long_tokens_are_redacted_in_linear_time() -> None:
+    """A megabyte-long run of letters (a blob in a log line) does not stall redaction."""
+    blob = "a" * (1 << 20)
+    assert redact(blob + " https://user:pw@host/") == blob + " https://user:[REDACTED]@host/"

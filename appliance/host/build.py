@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from appliance.host.admin import AdminService
+from appliance.host.audit import AuditLog
 from appliance.host.config import ApplianceConfig, load_config
 from appliance.host.metrics import CallbackCollector, ReactorMonitor, info_metric, new_registry
 from appliance.host.plugin import IHostedService, IServicePlugin
@@ -44,11 +45,14 @@ def build_appliance(
     redis = (RedisLink(config.host.redis, clock)
              if config.host.redis is not None else None)
     tls = TLSRegistry(config.tls_servers, config.tls_clients, reactor, registry)
+    audit = (AuditLog(config.audit, reactor, registry, clock=clock)
+             if config.audit is not None else None)
     runtime = Runtime(
         reactor=reactor, clock=clock, metrics=registry, redis=redis,
         log=Logger(namespace="appliance"),
         shutdown_timeout=config.host.shutdown_timeout,
         tls=tls,
+        audit=audit,
     )
     services: list[IHostedService] = [
         entry.plugin.build(entry.config, runtime) for entry in config.services
@@ -57,6 +61,8 @@ def build_appliance(
     if plugins is not None:
         reload_config = _threaded_loader(reactor, config.path, plugins)
     support: list[IService] = [tls]
+    if audit is not None:
+        support.append(audit)
     if redis is not None:
         support.append(redis)
     support.append(ReactorMonitor(reactor, registry))

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
+from appliance.host.audit import AuditConfig, parse_audit
 from appliance.host.ini import ConfigError, ConfigProblem, ConfigReader, Section, read_ini
 from appliance.host.plugin import IServicePlugin
 from appliance.host.secret import Secret
@@ -105,6 +106,7 @@ class ApplianceConfig:
     services: tuple[ServiceConfig, ...]
     tls_servers: tuple[ServerTLSConfig, ...] = ()
     tls_clients: tuple[ClientTLSConfig, ...] = ()
+    audit: AuditConfig | None = None
 
     def service(self, name: str) -> ServiceConfig | None:
         """The enabled service called C{name}, if any."""
@@ -133,6 +135,7 @@ def load_config(
                         for name, section in reader.labelled("tls"))
     tls_clients = tuple(parse_client_tls(name, section)
                         for name, section in reader.labelled("tls-client"))
+    audit = parse_audit(reader.section("audit")) if reader.present("audit") else None
     services = []
     for plugin in plugins:
         if not reader.present(plugin.name):
@@ -157,6 +160,7 @@ def load_config(
         services=tuple(services),
         tls_servers=tls_servers,
         tls_clients=tls_clients,
+        audit=audit,
     )
 
 
@@ -227,7 +231,7 @@ _UNKNOWN = re.compile(r"^unknown (key|section)$")
 def _suggest(problems: list[ConfigProblem], reader: ConfigReader,
              plugins: Sequence[IServicePlugin]) -> None:
     """Add 'did you mean' hints to unknown-name problems."""
-    sections = ["appliance", "admin", "tls:NAME", "tls-client:NAME"] + [
+    sections = ["appliance", "admin", "audit", "tls:NAME", "tls-client:NAME"] + [
         str(p.name) for p in plugins]
     for index, problem in enumerate(problems):
         match = _UNKNOWN.match(problem.message)

@@ -141,4 +141,4 @@ def discover_plugins(package: ModuleType | None = None) -> list[IServicePlugin]:
     return sorted(found, key=lambda plugin: (plugin.order, plugin.name))
 
 
-RESERVED_SECTIONS = frozenset({"appliance", "admin"})
+RESERVED_SECTIONS = frozenset({"appliance", "admin", "audit"})

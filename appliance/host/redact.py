@@ -36,7 +36,10 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Bearer/Basic tokens wherever they appear.
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + MASK),
     # URL userinfo passwords: scheme://user:password@host
-    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s/]+)(@)"), r"\1" + MASK + r"\3"),
+    # (The lookbehind makes each run of scheme characters start a match at most
+    # once; without it a long token costs quadratic time.)
+    (re.compile(r"(?i)((?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s/]+)(@)"),
+     r"\1" + MASK + r"\3"),
     # key=value or key: value pairs for password-like keys (libpq DSNs too).
     (
         re.compile(
@@ -64,6 +67,11 @@ def remember_secret(value: str) -> None:
         _secret_pattern = re.compile("|".join(re.escape(s) for s in ordered))
 
 
+# Every credential pattern needs one of these words; text without any skips them.
+_TRIGGERS = ("auth", "cookie", "api", "bearer", "basic", "://", "pass", "pwd", "secret",
+             "token", "key")
+
+
 def redact(text: str) -> str:
     """
     Return C{text} with every known secret and credential pattern masked.
@@ -71,6 +79,9 @@ def redact(text: str) -> str:
     pattern = _secret_pattern
     if pattern is not None:
         text = pattern.sub(MASK, text)
+    lowered = text.lower()
+    if not any(trigger in lowered for trigger in _TRIGGERS):
+        return text
     for regex, replacement in _PATTERNS:
         text = regex.sub(replacement, text)
     return text

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from twisted.logger import Logger
 
 if TYPE_CHECKING:
+    from appliance.host.audit import AuditLog
     from appliance.host.redis import RedisLink
     from appliance.host.tls_registry import TLSRegistry
 
@@ -28,6 +29,7 @@ class Runtime:
     @ivar log: the host's logger; services make their own with a namespace.
     @ivar shutdown_timeout: how long draining may take, in seconds.
     @ivar tls: the named TLS contexts (C{[tls:NAME]}, C{[tls-client:NAME]}).
+    @ivar audit: the tamper-evident audit log (C{[audit]}), or None.
     """
 
     reactor: Any
@@ -37,3 +39,4 @@ class Runtime:
     log: Logger
     shutdown_timeout: float
     tls: TLSRegistry
+    audit: AuditLog | None = None

@@ -115,6 +115,17 @@ class ApplianceService(MultiService):
         )
         self.notifier.ready()
         self.notifier.start_watchdog(self.runtime.clock)
+        self._audit("appliance.started", version=appliance.__version__,
+                    services=[s.name for s in self.hosted])
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        """Record a lifecycle event in the audit log, if there is one."""
+        audit = self.runtime.audit
+        if audit is None or not audit.running:
+            return
+        d = audit.write({"event": event, **fields})
+        d.addErrback(lambda f: self.log.error("audit write failed: {error}",
+                                              error=f.getErrorMessage()))
 
     def _start_failed(self, child: IService, error: Exception) -> None:
         message = f"cannot start {child.name}: {error}"
@@ -146,6 +157,7 @@ class ApplianceService(MultiService):
     async def _shutdown(self) -> None:
         self.draining = True
         self.notifier.stopping()
+        self._audit("appliance.stopping")
         timeout = self.runtime.shutdown_timeout
         self.log.info("draining: {count} service(s), up to {timeout}s",
                       count=len(self.hosted), timeout=timeout)
@@ -161,6 +173,7 @@ class ApplianceService(MultiService):
         for service in hosted:
             remaining = 0.0 if self._forced else max(0.0, deadline - clock.seconds())
             await self._step(service, "drain", lambda s=service, r=remaining: s.drain(r))
+        self._audit("appliance.stopped")
         for child in [s for s in reversed(self._started) if s not in self.hosted]:
             await self._step(child, "stop", lambda c=child: _stop_now(c))
         self._started = []
@@ -219,6 +232,8 @@ class ApplianceService(MultiService):
                 "redis": self.redis.status() if self.redis is not None else {"state": "disabled"},
             },
             "tls": self.runtime.tls.status(),
+            "audit": (self.runtime.audit.status() if self.runtime.audit is not None
+                      else {"state": "disabled"}),
         }
 
     # -- reload --------------------------------------------------------------
@@ -256,6 +271,7 @@ class ApplianceService(MultiService):
                 self.log.error("reload refused: {problem}", problem=str(problem))
             self.log.error("the new config has {count} problem(s); keeping the running one",
                            count=len(error.problems))
+            self._audit("config.reload", result="invalid", problems=len(error.problems))
             return
         self._warn_restart_needed(new)
         set_log_level(new.host.log_level)
@@ -273,6 +289,7 @@ class ApplianceService(MultiService):
                 self.log.warn("{service}: {error}", service=entry.name, error=str(error))
         self.config = new
         self.reload_results["applied"] += 1
+        self._audit("config.reload", result="applied", files=list(new.files))
         self.log.info("reload done")
 
     def _warn_restart_needed(self, new: ApplianceConfig) -> None:
@@ -287,6 +304,8 @@ class ApplianceService(MultiService):
         if (new.host.redis != self.config.host.redis
                 or new.host.shutdown_timeout != self.config.host.shutdown_timeout):
             self.log.warn("[appliance] redis/shutdown_timeout changed: restart to apply")
+        if new.audit != self.config.audit:
+            self.log.warn("[audit] changed: restart to apply")
 
     # -- signals -------------------------------------------------------------
 
