@@ -17,12 +17,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
+from appliance.host.drain import ConnectionTracker
 from appliance.http.exchange import UpstreamPlan
 from appliance.http.head import find_head_end, parse_response_head
 from appliance.http.headers import ENGINE_OWNED_REQUEST, forwardable
 from appliance.http.server import ProxyServerFactory, ServerLimits
 from appliance.http.upstream import UpstreamPool, UpstreamTarget
-from appliance.host.drain import ConnectionTracker
 from tests.http_upstream import start_upstream
 
 

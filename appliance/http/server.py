@@ -6,7 +6,8 @@ between requests, and enforces the head, idle and body deadlines.
 
 from __future__ import annotations
 
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from attrs import frozen
 from twisted.internet.protocol import Factory, Protocol
