@@ -143,6 +143,10 @@ def encode_fields(event: Mapping[str, Any]) -> bytes:
     letters, digits and C{+.-} (tokens, keys, blobs) are masked first, which
     also keeps the redaction patterns' cost bounded.
     """
+    if type(event) is dict:
+        flat = _encode_flat(event)
+        if flat is not None:
+            return flat
     if not isinstance(event, Mapping):
         raise AuditEventError("an audit event is a mapping of field names to values")
     for key in event:
@@ -156,6 +160,41 @@ def encode_fields(event: Mapping[str, Any]) -> bytes:
     text = json.dumps(cleaned, separators=(",", ":"), sort_keys=True,
                       ensure_ascii=True, allow_nan=False)
     return text[1:-1].encode("ascii")
+
+
+_FLAT_TYPES = frozenset({str, int, bool, type(None)})
+
+
+def _encode_flat(event: dict[str, Any]) -> bytes | None:
+    """
+    The common case, fast: a flat event of short strings and plain numbers
+    that redaction leaves unchanged. Returns None for anything else (the
+    general path then checks and redacts it field by field).
+    """
+    texts = []
+    for key, value in event.items():
+        kind = type(value)
+        if type(key) is not str or key in RESERVED_FIELDS or credential_key(key):
+            return None
+        if kind is float:
+            if not math.isfinite(value):
+                return None
+        elif kind not in _FLAT_TYPES:
+            return None
+        elif kind is int and not -(2**63) <= value < 2**63:
+            return None
+        elif kind is str:
+            texts.append(value)
+        texts.append(key)
+    joined = _SEPARATOR.join(texts)
+    if (len(joined) > MAX_EVENT_CHARS or _SEPARATOR in "".join(texts)
+            or _OPAQUE_RUN.search(joined) or redact_value(joined) != joined):
+        return None
+    return _ENCODER.encode(event)[1:-1].encode("ascii")
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=True,
+                            allow_nan=False)
 
 
 def _redact_all(texts: list[str]) -> list[str]:

@@ -37,9 +37,17 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+_second_cache: list[Any] = [None, ""]
+
+
 def rfc3339(seconds: float) -> str:
     """C{2025-05-01T12:00:00.123456Z} for a POSIX timestamp."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    whole = int(seconds // 1)
+    if _second_cache[0] != whole:  # formatting the date once a second is enough
+        _second_cache[0] = whole
+        _second_cache[1] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    micros = min(999_999, int(round((seconds - whole) * 1_000_000)))
+    return f"{_second_cache[1]}.{micros:06d}Z"
 
 
 def build_line(seq: int, when: str, prev: str, fields: bytes) -> bytes:

@@ -67,9 +67,26 @@ def remember_secret(value: str) -> None:
         _secret_pattern = re.compile("|".join(re.escape(s) for s in ordered))
 
 
-# Every credential pattern needs one of these words; text without any skips them.
-_TRIGGERS = ("auth", "cookie", "api", "bearer", "basic", "://", "pass", "pwd", "secret",
+# A cheap over-approximation of "some credential pattern could match": most
+# text fails it and skips the patterns (a regex alternation here costs more
+# than the patterns themselves).
+_KEYWORDS = ("authorization", "cookie", "x-api-key", "password", "passwd", "pwd", "secret",
              "token", "key")
+
+
+def _needs_patterns(text: str) -> bool:
+    if "://" in text:
+        return True
+    lowered = text.lower()
+    if "bearer" in lowered or "basic" in lowered:
+        return True
+    for separator in ("=", ":"):
+        index = lowered.find(separator)
+        while index >= 0:
+            if lowered[max(0, index - 24):index].rstrip().endswith(_KEYWORDS):
+                return True
+            index = lowered.find(separator, index + 1)
+    return False
 
 
 def redact(text: str) -> str:
@@ -79,8 +96,7 @@ def redact(text: str) -> str:
     pattern = _secret_pattern
     if pattern is not None:
         text = pattern.sub(MASK, text)
-    lowered = text.lower()
-    if not any(trigger in lowered for trigger in _TRIGGERS):
+    if not _needs_patterns(text):
         return text
     for regex, replacement in _PATTERNS:
         text = regex.sub(replacement, text)

@@ -149,6 +149,12 @@ class Bulkhead:
         self._queued_gauge.set(len(self._queue))
         return waiter.deferred
 
+    def try_acquire(self) -> Permit | None:
+        """A slot now if one is free and nobody is queued (the hot path), else None."""
+        if self._in_flight < self.max_concurrent and not self._queue:
+            return self._grant()
+        return None
+
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """
         Call C{fn(*args, **kwargs)} inside a slot and return its result; the
