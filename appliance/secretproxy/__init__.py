@@ -1,0 +1,3 @@
+"""
+The secret-injecting HTTP reverse proxy.
+"""
