@@ -11,6 +11,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,6 +29,7 @@ COMPRESSIBLE = (b"text/", b"application/json", b"application/javascript",
                 b"application/xml", b"application/x-www-form-urlencoded", b"+json", b"+xml",
                 b"image/svg+xml")
 MIN_GZIP = 256
+_DONE = object()  # marks the end of a held response
 
 
 @define(slots=True)
@@ -74,6 +76,7 @@ class Exchange:
     _keep_client: bool = True
     _timers: list[Any] = field(factory=list)
     _attempt: int = 0
+    _held: list[Any] | None = None
 
     log = Logger()
 
@@ -224,14 +227,46 @@ class Exchange:
         self.upstream_seconds = self.server.clock.seconds() - self.upstream_started
         if plan.on_response_head is not None and not self.response_started:
             retry = plan.on_response_head(self, head)
+            if isinstance(retry, Deferred):
+                self._hold_response(head, retry)
+                return
             if retry is not None:
                 self._retry(retry)
                 return
+        self._start_response(head)
+
+    def _start_response(self, head: ResponseHead) -> None:
         self.status = head.status
         self.response_started = True
         self._out.append(self._client_head(head))
         if self.upstream is not None:
             self._stream_response_from(self.upstream)
+
+    def _hold_response(self, head: ResponseHead, decision: Deferred[Any]) -> None:
+        """Keep the response aside until the handler decides whether to retry."""
+        self._held = [head]
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pauseProducing()
+
+        def decided(retry: Any) -> None:
+            held, self._held = self._held, None
+            if self.finished or held is None:
+                return
+            if retry is not None:
+                self._retry(retry)
+                return
+            if self.upstream is not None and self.upstream.transport is not None:
+                self.upstream.transport.resumeProducing()
+            self._start_response(held[0])
+            for piece in held[1:]:
+                if piece is _DONE:
+                    self.upstream_done()
+                    return
+                self.upstream_data(piece)
+            self.upstream_flush()
+
+        decision.addBoth(decided)
 
     def _retry(self, plan: UpstreamPlan) -> None:
         upstream, self.upstream = self.upstream, None
@@ -295,6 +330,9 @@ class Exchange:
 
     def upstream_data(self, data: bytes) -> None:
         """A piece of the response body."""
+        if self._held is not None:
+            self._held.append(data)
+            return
         self.response_bytes += len(data)
         if self._gzip is not None:
             data = self._gzip.compress(data)
@@ -304,6 +342,9 @@ class Exchange:
 
     def upstream_done(self) -> None:
         """The response is complete."""
+        if self._held is not None:
+            self._held.append(_DONE)
+            return
         if self._gzip is not None:
             tail = self._gzip.flush()
             self._out.append(chunk(tail) if self._chunked_out else tail)

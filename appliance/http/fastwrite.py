@@ -9,23 +9,26 @@ a quarter of its time. When nothing is buffered, sending at once is
 equivalent (the kernel takes the bytes in order), so L{write_now} does that
 and hands only a remainder (a full socket buffer) to Twisted.
 
-It relies on C{twisted.internet.abstract.FileDescriptor}'s buffer fields;
-any transport without them (TLS, memory transports in tests) takes the
-normal path.
+It relies on C{twisted.internet.tcp.Connection}'s buffer fields and applies
+to exactly that class: a TLS transport wraps one and forwards attribute
+lookups to it, so duck typing would find the raw socket and bypass TLS.
+Anything else (TLS, memory transports in tests) takes the normal path.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.tcp import Connection
+
 
 def write_now(transport: Any, data: bytes) -> None:
     """Send C{data} now if the transport's buffer is empty, else buffer it."""
-    sock = getattr(transport, "socket", None)
-    if (sock is not None and transport.connected and not transport.disconnecting
-            and not transport._tempDataLen and not transport.dataBuffer):
+    if (isinstance(transport, Connection) and transport.connected
+            and not transport.disconnecting and not transport._tempDataLen
+            and not transport.dataBuffer):
         try:
-            sent = sock.send(data)
+            sent = transport.socket.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:

@@ -92,6 +92,7 @@ class ProxyServerProtocol(Protocol):
     # -- connection --------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         self.factory.tracker.add(self)
         self._arm(self.factory.limits.header_timeout, 408)
 
@@ -278,6 +279,14 @@ class ProxyServerFactory(Factory):
         """A request refused before it reached the handler (metrics)."""
         if self._on_rejected is not None:
             self._on_rejected(status, reason)
+
+
+def _no_delay(transport: Any) -> None:
+    """Turn Nagle off: a request/response ping-pong must not wait for ACKs."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError, NotImplementedError):
+        pass
 
 
 def _body_decoder(head: Any) -> BodyDecoder:

@@ -89,6 +89,10 @@ class UpstreamProtocol(Protocol):
     # -- connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)  # requests must not wait for ACKs
+        except (AttributeError, OSError, NotImplementedError):
+            pass
         if not self.target.tls:
             self._become_ready()
 

@@ -29,3 +29,10 @@ pow_service = ServicePlugin(
     order=20,
     description="Proof-of-work TCP quote server.",
 )
+
+secretproxy = ServicePlugin(
+    name="secretproxy",
+    module="appliance.secretproxy.plugin",
+    order=30,
+    description="Secret-injecting HTTP reverse proxy.",
+)

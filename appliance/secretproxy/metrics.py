@@ -1,0 +1,74 @@
+"""The secret proxy's metrics; label values are bounded (upstream names, classes, reasons)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from appliance.host.metrics import LATENCY_BUCKETS
+
+REFUSALS = ("no such upstream", "bad_request", "unauthenticated", "auth_unavailable",
+            "policy_denied", "secret_unavailable", "egress_refused", "bulkhead_full",
+            "injection_refused")
+
+
+class ProxyMetrics:
+    """Request histograms by upstream and status class, refusals by reason."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._requests = Histogram(
+            "appliance_secretproxy_request_seconds",
+            "Request duration (client view) by upstream and status class.",
+            ["upstream", "class"], buckets=LATENCY_BUCKETS, registry=registry)
+        self._upstream = Histogram(
+            "appliance_secretproxy_upstream_seconds",
+            "Time from sending a request upstream to its response head.",
+            ["upstream"], buckets=LATENCY_BUCKETS, registry=registry)
+        self._refused = Counter("appliance_secretproxy_refused",
+                                "Requests answered by the proxy itself, by reason.",
+                                ["reason"], registry=registry)
+        self._limited = Counter("appliance_secretproxy_rate_limited",
+                                "Requests refused with 429, by limit.", ["scope"],
+                                registry=registry)
+        self._refetched = Counter("appliance_secretproxy_secret_refetches",
+                                  "Secrets fetched again after an upstream 401 (and changed).",
+                                  registry=registry)
+        self._audit_failures = Counter("appliance_secretproxy_audit_failures",
+                                       "Policy decisions the audit log could not record.",
+                                       registry=registry)
+        self._children: dict[Any, Any] = {}
+        for reason in REFUSALS:
+            self._refused.labels(reason)
+        for scope in ("global", "upstream", "identity"):
+            self._limited.labels(scope)
+
+    def request(self, upstream: str, klass: str, duration: float,
+                upstream_seconds: float) -> None:
+        """One finished request."""
+        key = (upstream, klass)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._requests.labels(upstream, klass)
+        child.observe(duration)
+        if upstream_seconds:
+            child = self._children.get(upstream)
+            if child is None:
+                child = self._children[upstream] = self._upstream.labels(upstream)
+            child.observe(upstream_seconds)
+
+    def refused(self, reason: str) -> None:
+        """A request the proxy answered itself."""
+        self._refused.labels(reason if reason in REFUSALS else "bad_request").inc()
+
+    def rate_limited(self, scope: str) -> None:
+        """A 429."""
+        self._limited.labels(scope).inc()
+
+    def secret_refetched(self) -> None:
+        """An upstream 401 led to a new secret."""
+        self._refetched.inc()
+
+    def audit_failed(self) -> None:
+        """A decision could not be audited."""
+        self._audit_failures.inc()
