@@ -22,6 +22,7 @@ from bench.procs import add_pin_argument, sweep_leftovers
 
 BENCHMARKS: dict[str, str] = {
     "admin": "bench.admin",
+    "pow": "bench.pow",
 }
 """Benchmark name -> the module that runs it."""
 
