@@ -160,7 +160,8 @@ def test_postgres_appliance_creates_and_drops_pgoutput_slot(
     with psycopg.connect(postgres_server.dsn(), autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot('harness_sql_slot', 'pgoutput')")
         rows = conn.execute(
-            "SELECT plugin, slot_type FROM pg_replication_slots WHERE slot_name = 'harness_sql_slot'"
+            "SELECT plugin, slot_type FROM pg_replication_slots "
+            "WHERE slot_name = 'harness_sql_slot'"
         ).fetchall()
         assert rows == [("pgoutput", "logical")]
         conn.execute("SELECT pg_drop_replication_slot('harness_sql_slot')")

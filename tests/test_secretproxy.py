@@ -220,12 +220,12 @@ async def test_policy_decides_on_the_normalised_path_and_is_audited(rig: Rig) ->
     assert code == 403
     await rig.root.runtime.audit.flush()
     lines = [json.loads(line) for line in rig.audit_path.read_text().splitlines()]
-    decisions = [(l["identity"], l["decision"]) for l in lines
-                 if l.get("event") == "secretproxy.decision"]
+    decisions = [(line["identity"], line["decision"]) for line in lines
+                 if line.get("event") == "secretproxy.decision"]
     assert decisions == [("billing", "deny"), ("billing", "deny"), ("billing", "allow"),
                          ("reports", "deny")]
-    assert all({"upstream", "method", "reason", "duration"} <= set(l) for l in lines
-               if l.get("event") == "secretproxy.decision")
+    assert all({"upstream", "method", "reason", "duration"} <= set(line) for line in lines
+               if line.get("event") == "secretproxy.decision")
     assert CANARY not in rig.audit_path.read_text()
 
 

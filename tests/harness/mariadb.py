@@ -227,7 +227,8 @@ class MariaDBServer:
             f"CREATE DATABASE IF NOT EXISTS `{self.database}`",
             f"CREATE USER IF NOT EXISTS '{self.user}'@'%' IDENTIFIED BY '{self.password}'",
             f"GRANT ALL PRIVILEGES ON `{self.database}`.* TO '{self.user}'@'%'",
-            f"CREATE USER IF NOT EXISTS '{self.admin_user}'@'%' IDENTIFIED BY '{self.admin_password}'",
+            f"CREATE USER IF NOT EXISTS '{self.admin_user}'@'%' "
+            f"IDENTIFIED BY '{self.admin_password}'",
             f"GRANT ALL PRIVILEGES ON *.* TO '{self.admin_user}'@'%' WITH GRANT OPTION",
         ]
         fd = os.open(self._init_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

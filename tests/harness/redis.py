@@ -211,7 +211,8 @@ class RedisServer:
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(
-                    f"redis-server not ready after {SERVER_WAIT} s: {last_reply!r}\n{self._log_tail()}"
+                    f"redis-server not ready after {SERVER_WAIT} s: {last_reply!r}\n"
+                    f"{self._log_tail()}"
                 )
             try:
                 code = self._process.wait(timeout=0.02)  # doubles as the poll interval
