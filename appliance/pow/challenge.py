@@ -89,7 +89,8 @@ class ChallengeSigner:
     def __init__(self, keys: Mapping[str, bytes], current: str) -> None:
         if current not in keys:
             raise ValueError(f"current key {current!r} is not among the keys")
-        self._keys = dict(keys)
+        # A keyed HMAC state per key, copied per use (cheaper than re-keying).
+        self._keys = {kid: hmac.new(key, digestmod=hashlib.sha256) for kid, key in keys.items()}
         self.current = current
 
     def issue(self, address: str, difficulty: int, now_ms: int, lifetime_ms: int,
@@ -102,16 +103,18 @@ class ChallengeSigner:
 
     def sign(self, challenge: Challenge) -> str:
         """The hex HMAC of a challenge under its key id."""
-        key = self._keys[challenge.kid]
-        return hmac.new(key, challenge.canonical(), hashlib.sha256).hexdigest()
+        mac = self._keys[challenge.kid].copy()
+        mac.update(challenge.canonical())
+        return mac.hexdigest()
 
     def authentic(self, challenge: Challenge, signature: Any) -> bool:
         """Whether C{signature} is this server's, compared in constant time."""
-        key = self._keys.get(challenge.kid)
-        if key is None or not isinstance(signature, str) or len(signature) != 64:
+        keyed = self._keys.get(challenge.kid)
+        if keyed is None or not isinstance(signature, str) or len(signature) != 64:
             return False
-        expected = hmac.new(key, challenge.canonical(), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected, signature.lower())
+        mac = keyed.copy()
+        mac.update(challenge.canonical())
+        return hmac.compare_digest(mac.hexdigest(), signature.lower())
 
 
 def target(difficulty: int) -> bytes:

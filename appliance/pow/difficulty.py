@@ -58,16 +58,35 @@ class DifficultyController:
     """
 
     def __init__(self, policy: DifficultyPolicy, clock: object) -> None:
-        self.policy = policy
+        self._policy = policy
         self._clock = clock
         self._clients: OrderedDict[str, deque[float]] = OrderedDict()
         self._counted = 0  # capped requests in the window, over all clients
         self._last_sweep = float("-inf")
+        self._groups: dict[str, str] = {}
         self.active_connections = 0
 
     def group(self, address: str) -> str:
-        """The client group of an address under this policy."""
-        return client_group(address, self.policy.prefix_v4, self.policy.prefix_v6)
+        """The client group of an address under this policy (memoised: it is
+        asked several times per session, and parsing an address is costly)."""
+        cache = self._groups
+        group = cache.get(address)
+        if group is None:
+            if len(cache) >= 65_536:
+                cache.clear()
+            group = cache[address] = client_group(address, self.policy.prefix_v4,
+                                                  self.policy.prefix_v6)
+        return group
+
+    @property
+    def policy(self) -> DifficultyPolicy:
+        """The parameters in force."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: DifficultyPolicy) -> None:
+        self._policy = policy
+        self._groups = {}  # prefixes may have changed
 
     def record(self, address: str) -> str:
         """Count a challenge request; return the client group."""

@@ -9,9 +9,11 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from twisted.internet.defer import Deferred, succeed
+from prometheus_client.core import CounterMetricFamily, Metric
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from appliance.host.metrics import CallbackCollector
 from appliance.pow.challenge import Challenge, ChallengeSigner, work_is_done
 from appliance.pow.config import PowConfig
 from appliance.pow.difficulty import DifficultyController
@@ -27,10 +29,10 @@ class PowMetrics:
     """The pow service's counters and histograms."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.issued = Counter("appliance_pow_challenges_issued", "Challenges issued.",
-                              registry=registry)
-        self.accepted = Counter("appliance_pow_solutions_accepted",
-                                "Solutions accepted (a quote was served).", registry=registry)
+        # Per-session counts are plain ints read at scrape time (a Counter locks).
+        self.issued = 0
+        self.accepted = 0
+        registry.register(CallbackCollector(self._collect))
         self.rejected = Counter("appliance_pow_rejections", "Requests refused, by reason.",
                                 ["reason"], registry=registry)
         self.verify_seconds = Histogram("appliance_pow_verification_seconds",
@@ -38,6 +40,13 @@ class PowMetrics:
                                         buckets=VERIFY_BUCKETS, registry=registry)
         for code in ErrorCode.ALL:
             self.rejected.labels(code)
+
+    def _collect(self) -> list[Metric]:
+        return [CounterMetricFamily("appliance_pow_challenges_issued", "Challenges issued.",
+                                    value=self.issued),
+                CounterMetricFamily("appliance_pow_solutions_accepted",
+                                    "Solutions accepted (a quote was served).",
+                                    value=self.accepted)]
 
 
 class PowEngine:
@@ -88,19 +97,19 @@ class PowEngine:
 
     # -- challenges --------------------------------------------------------
 
-    def challenge(self, address: str) -> Deferred[dict[str, Any]]:
+    def challenge(self, address: str) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """A signed challenge for C{address}, unless it is rate limited."""
         group = self.controller.group(address)
-        d = self.limiter.acquire(group)
+        try_acquire = getattr(self.limiter, "try_acquire", None)
+        if try_acquire is not None:  # in memory: answer without a Deferred
+            return self._admitted(try_acquire(group), address)
+        return self.limiter.acquire(group).addCallback(self._admitted, address)
 
-        def decided(decision: Any) -> dict[str, Any]:
-            if not decision.allowed:
-                raise ProtocolError(ErrorCode.RATE_LIMITED,
-                                    f"too many challenges; retry in {decision.retry_after:.1f}s")
-            return self.issue(address)
-
-        d.addCallback(decided)
-        return d
+    def _admitted(self, decision: Any, address: str) -> dict[str, Any]:
+        if not decision.allowed:
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"too many challenges; retry in {decision.retry_after:.1f}s")
+        return self.issue(address)
 
     def issue(self, address: str) -> dict[str, Any]:
         """Sign a challenge at the difficulty this client warrants now."""
@@ -111,22 +120,25 @@ class PowEngine:
         challenge, signature = self.signer.issue(
             address, per_puzzle, now_ms=int(self._clock.seconds() * 1000),
             lifetime_ms=int(config.challenge_lifetime * 1000), puzzles=config.puzzles)
-        self.metrics.issued.inc()
+        self.metrics.issued += 1
         return {"challenge": challenge.to_json(), "signature": signature}
 
     # -- solutions ---------------------------------------------------------
 
-    def redeem(self, address: str, payload: dict[str, Any]) -> Deferred[Quote]:
+    def redeem(self, address: str, payload: dict[str, Any]) -> Quote | Deferred[Quote]:
         """Check a solution and, if it is good and new, return a quote."""
         started = time.perf_counter()
         try:
             challenge = self.verify(address, payload)
         finally:
             self.metrics.verify_seconds.observe(time.perf_counter() - started)
-        try:
-            d = self.replay.claim_async(payload["signature"], challenge.expires_at / 1000)
-        except ReplaySetFull:
-            d = succeed(None)
+        claim = getattr(self.replay, "claim", None)
+        if claim is not None:  # in memory: atomic and synchronous
+            try:
+                return self._claimed(claim(payload["signature"], challenge.expires_at / 1000))
+            except ReplaySetFull:
+                return self._claimed(None)
+        d = self.replay.claim_async(payload["signature"], challenge.expires_at / 1000)
         d.addCallbacks(self._claimed, self._replay_unavailable)
         return d
 
@@ -153,7 +165,7 @@ class PowEngine:
             raise ProtocolError(ErrorCode.BUSY, "the replay set is full; try later")
         if not fresh:
             raise ProtocolError(ErrorCode.REPLAYED, "this solution was already redeemed")
-        self.metrics.accepted.inc()
+        self.metrics.accepted += 1
         return self.quotes.pick()
 
     def _replay_unavailable(self, failure: Any) -> Quote:

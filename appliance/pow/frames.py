@@ -66,10 +66,13 @@ class Frame:
     payload: dict[str, Any]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(message_type: MessageType, payload: dict[str, Any]) -> bytes:
     """Serialise one frame."""
-    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    return HEADER.pack(VERSION, int(message_type), len(body)) + body
+    body = _ENCODER.encode(payload).encode("utf-8")
+    return HEADER.pack(VERSION, message_type, len(body)) + body
 
 
 def error_frame(code: str, message: str) -> bytes:

@@ -8,6 +8,7 @@ waits for the network; when the API is down the local file serves.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import deque
 from importlib import resources
@@ -15,10 +16,12 @@ from typing import Any
 
 from attrs import frozen
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, Metric
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from appliance.host.metrics import CallbackCollector
 from appliance.resilience import CircuitBreaker, CircuitOpen
 
 MAX_QUOTE = 2000
@@ -107,12 +110,14 @@ class QuoteSource:
         self.api = api
         self._clock = clock
         self._pool: deque[tuple[float, Quote]] = deque(maxlen=256)
-        self._served = Counter("appliance_pow_quotes_served", "Quotes served by source.",
-                               ["source"], registry=registry)
+        # Plain counts read at scrape time: a Counter takes a lock per quote.
+        self.served = {"api": 0, "file": 0}
+        registry.register(CallbackCollector(self._collect))
         self._fetches = Counter("appliance_pow_quote_api_fetches",
                                 "Quote API fetches by result.", ["result"], registry=registry)
         self._refresh: LoopingCall | None = None
-        self._random = random.SystemRandom()
+        # Which quote comes next needs no secrecy: a seeded generator is enough.
+        self._random = random.Random(os.urandom(16))
 
     def pick(self) -> Quote:
         """A quote now: fresh from the API pool if there is one, else from the file."""
@@ -122,10 +127,17 @@ class QuoteSource:
             fetched_at, quote = pool.popleft()
             if self.api is None or now - fetched_at <= self.api.cache_ttl:
                 pool.append((fetched_at, quote))  # reuse: the pool rotates
-                self._served.labels("api").inc()
+                self.served["api"] += 1
                 return quote
-        self._served.labels("file").inc()
+        self.served["file"] += 1
         return self._random.choice(self.local)
+
+    def _collect(self) -> list[Metric]:
+        family = CounterMetricFamily("appliance_pow_quotes_served", "Quotes served by source.",
+                                     labels=["source"])
+        for source, count in self.served.items():
+            family.add_metric([source], count)
+        return [family]
 
     def start(self) -> None:
         """Begin refreshing from the API, if one is configured."""

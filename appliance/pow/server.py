@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -109,9 +109,20 @@ class PowProtocol(Protocol):
 
     def _start(self, work: Any, answer: Any, *args: Any) -> None:
         self._busy = True
-        d = maybeDeferred(work, self.address, *args)
-        d.addCallbacks(answer, self._refused)
-        d.addErrback(self._bug)
+        try:
+            result = work(self.address, *args)
+        except ProtocolError as error:
+            self._busy = False
+            self._fail(error.code, error.message)
+            return
+        except Exception:
+            self._bug(Failure())
+            return
+        if isinstance(result, Deferred):
+            result.addCallbacks(answer, self._refused)
+            result.addErrback(self._bug)
+        else:
+            answer(result)
 
     # -- answers -----------------------------------------------------------
 
