@@ -23,6 +23,7 @@ from bench.procs import add_pin_argument, sweep_leftovers
 BENCHMARKS: dict[str, str] = {
     "admin": "bench.admin",
     "pow": "bench.pow",
+    "secretproxy": "bench.secretproxy",
 }
 """Benchmark name -> the module that runs it."""
 

@@ -143,7 +143,7 @@ def _stop_appliance(server: Server) -> None:
 # -- nginx -------------------------------------------------------------------
 
 
-def nginx_config(prefix: Path, port: int, locations: str) -> str:
+def nginx_config(prefix: Path, port: int, locations: str, http_extra: str = "") -> str:
     """
     A self-contained nginx config: one worker, no access log, pid, error log
     and temp folders under C{prefix}, one server on loopback C{port}.
@@ -165,6 +165,7 @@ def nginx_config(prefix: Path, port: int, locations: str) -> str:
             fastcgi_temp_path {prefix}/fastcgi;
             uwsgi_temp_path {prefix}/uwsgi;
             scgi_temp_path {prefix}/scgi;
+            {http_extra}
 
             server {{
                 listen {loopback}:{port};
@@ -172,11 +173,12 @@ def nginx_config(prefix: Path, port: int, locations: str) -> str:
             }}
         }}
         """).format(prefix=prefix, port=port, loopback=LOOPBACK,
-                    locations=textwrap.indent(textwrap.dedent(locations).strip(), " " * 8))
+                    locations=textwrap.indent(textwrap.dedent(locations).strip(), " " * 8),
+                    http_extra=http_extra)
 
 
 def start_nginx(cleanup: Cleanup, locations: str, *, ready_path: str = "/",
-                cpus: str | None = None) -> Server:
+                cpus: str | None = None, http_extra: str = "") -> Server:
     """
     Start nginx on a generated config in a temp folder (C{nginx -p TMP -c
     TMP/nginx.conf -e TMP/error.log -g 'daemon off;'}) listening on a free
@@ -188,7 +190,7 @@ def start_nginx(cleanup: Cleanup, locations: str, *, ready_path: str = "/",
 
     def attempt(port: int) -> Server:
         config = prefix / "nginx.conf"
-        config.write_text(nginx_config(prefix, port, locations))
+        config.write_text(nginx_config(prefix, port, locations, http_extra))
         log = prefix / "error.log"
         # -e: without it nginx opens its compiled-in /var/log/nginx/error.log
         # before reading the config.

@@ -67,15 +67,16 @@ def parse_wrk(output: str) -> WrkRun:
 
 
 def run_wrk(url: str, *, duration: float, connections: int, threads: int = 1,
-            cpus: str | None = None) -> WrkRun:
+            cpus: str | None = None, headers: tuple[str, ...] = ()) -> WrkRun:
     """
     C{wrk -tT -cC -dDs --latency URL}, bounded in time. Any non-2xx answer
     fails the benchmark: a server answering errors fast proves nothing.
     """
     wrk = require_binary("wrk")
     seconds = max(1, round(duration))
+    header_args = [arg for header in headers for arg in ("-H", header)]
     command = pinned([wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-                      url], cpus)
+                      *header_args, url], cpus)
     try:
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
                                 text=True, timeout=seconds + 30, start_new_session=True,
@@ -100,6 +101,7 @@ class Contender:
 
     label: str
     url: str
+    headers: tuple[str, ...] = ()
 
 
 def add_wrk_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +134,7 @@ def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Con
 
     def measure(contender: Contender, seconds: float) -> WrkRun:
         return run_wrk(contender.url, duration=seconds, connections=args.connections,
-                       threads=args.threads, cpus=wrk_cpus)
+                       threads=args.threads, cpus=wrk_cpus, headers=contender.headers)
 
     say(f"load: wrk -t{args.threads} -c{args.connections} -d{round(args.duration)}s "
         f"--latency, {args.rounds} rounds, {peer.label} then {ours.label} in each")

@@ -8,6 +8,7 @@ aborts whatever is left when the deadline passes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -47,6 +48,10 @@ class ConnectionTracker:
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def connections(self) -> Iterator[Drainable]:
+        """The live connections (iterate over a copy if you may close some)."""
+        return iter(self._live)
 
     def add(self, connection: Drainable) -> None:
         """Track a new connection; one arriving while draining is asked to drain."""

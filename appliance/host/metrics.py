@@ -8,12 +8,13 @@ Names follow C{appliance_<service>_<what>_<unit>}; labels are bounded
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -112,3 +113,49 @@ def info_metric() -> GaugeMetricFamily:
     family = GaugeMetricFamily("appliance_info", "Appliance version.", labels=["version"])
     family.add_metric([appliance.__version__], 1)
     return family
+
+
+class FastHistogram(Collector):
+    """
+    A histogram for hot paths: plain lists of counts updated without a lock
+    (only the reactor thread observes) and exported at scrape time, where
+    C{prometheus_client.Histogram} takes two locks per observation.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float] = LATENCY_BUCKETS,
+                 registry: CollectorRegistry | None = None) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = list(labelnames)
+        self._bounds = list(buckets)
+        self._series: dict[tuple[str, ...], list[Any]] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        """Record C{value} for the label values C{labels}."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [[0] * (len(self._bounds) + 1), 0.0]
+        series[0][bisect_left(self._bounds, value)] += 1
+        series[1] += value
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation,
+                                       labels=self._labelnames)
+        for labels, (counts, total) in list(self._series.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(self._bounds + [float("inf")], counts, strict=True):
+                running += count
+                cumulative.append((_bound_text(bound), running))
+            family.add_metric(list(labels), cumulative, sum_value=total)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation,
+                                      labels=self._labelnames)]
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))

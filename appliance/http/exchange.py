@@ -74,7 +74,9 @@ class Exchange:
     _chunked_out: bool = False
     _gzip: Any = None
     _keep_client: bool = True
-    _timers: list[Any] = field(factory=list)
+    deadline: float = 0.0  # the earliest of the deadlines below (0: none)
+    total_deadline: float = 0.0
+    response_deadline: float = 0.0
     _attempt: int = 0
     _held: list[Any] | None = None
 
@@ -103,8 +105,8 @@ class Exchange:
         if self.finished:
             return
         self.plan = plan
-        clock = self.server.clock
-        self._timers.append(clock.callLater(plan.total_timeout, self._timed_out, "total"))
+        self.total_deadline = self.server.clock.seconds() + plan.total_timeout
+        self._update_deadline()
         self._connect()
 
     # -- connecting ------------------------------------------------------------
@@ -154,8 +156,8 @@ class Exchange:
             data += self._upstream_body(self._take_pending())
         protocol.send(self, data, head.method == b"HEAD")
         self.request_sent = True
-        self._timers.append(self.server.clock.callLater(plan.response_timeout,
-                                                        self._timed_out, "response"))
+        self.response_deadline = self.upstream_started + plan.response_timeout
+        self._update_deadline()
         if not self.body.done:
             protocol.transport.registerProducer(self.server.transport, True)
             self.server.continue_body(self)
@@ -223,7 +225,8 @@ class Exchange:
         """The upstream answered: pass the head on (or retry, if the handler asks)."""
         plan = self.plan
         assert plan is not None
-        self._cancel_timer_named("response")
+        self.response_deadline = 0.0
+        self._update_deadline()
         self.upstream_seconds = self.server.clock.seconds() - self.upstream_started
         if plan.on_response_head is not None and not self.response_started:
             retry = plan.on_response_head(self, head)
@@ -410,20 +413,23 @@ class Exchange:
         self._finish(client_reusable=False)
         self.server.abort()
 
-    def _cancel_timer_named(self, name: str) -> None:
-        for timer in self._timers:
-            if timer.active() and timer.args and timer.args[0] == name:
-                timer.cancel()
+    def _update_deadline(self) -> None:
+        found = [d for d in (self.total_deadline, self.response_deadline) if d]
+        self.deadline = min(found) if found else 0.0
+
+    def deadline_passed(self, now: float) -> None:
+        """The server's sweep found a deadline passed."""
+        if self.response_deadline and now >= self.response_deadline:
+            self._timed_out("response")
+        elif self.total_deadline and now >= self.total_deadline:
+            self._timed_out("total")
 
     def _finish(self, client_reusable: bool, client_gone: bool = False) -> None:
         if self.finished:
             return
         self.finished = True
         self._stop_streaming()
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self.deadline = 0.0
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -83,7 +84,7 @@ class UpstreamProtocol(Protocol):
         self._method_head = False
         self.reusable = True
         self.connected_ok = False
-        self.idle_timer: Any = None
+        self.idle_since = 0.0
         self.served = 0
 
     # -- connection ----------------------------------------------------------
@@ -228,16 +229,13 @@ class UpstreamPool:
         self.dial_timeout = dial_timeout
         self._idle: dict[UpstreamTarget, list[UpstreamProtocol]] = {}
         self._all: set[UpstreamProtocol] = set()
+        self._sweep: LoopingCall | None = None
 
     def checkout(self, target: UpstreamTarget) -> UpstreamProtocol | None:
         """An idle connection to C{target}, if any (synchronous)."""
         idle = self._idle.get(target)
         while idle:
             protocol = idle.pop()
-            timer = protocol.idle_timer
-            if timer is not None and timer.active():
-                timer.cancel()
-            protocol.idle_timer = None
             if protocol.reusable and protocol.transport is not None:
                 return protocol
         return None
@@ -287,8 +285,19 @@ class UpstreamPool:
             self.close(protocol)
             return
         protocol.transport.resumeProducing()  # the last client may have paused it
-        protocol.idle_timer = self._reactor.callLater(self.idle_timeout, self.close, protocol)
+        protocol.idle_since = self._reactor.seconds()
         idle.append(protocol)
+        if self._sweep is None:
+            self._sweep = LoopingCall(self._close_stale)
+            self._sweep.clock = self._reactor
+            self._sweep.start(min(1.0, self.idle_timeout / 2), now=False)
+
+    def _close_stale(self) -> None:
+        # One sweep instead of a timer per returned connection.
+        horizon = self._reactor.seconds() - self.idle_timeout
+        for idle in list(self._idle.values()):
+            for protocol in [p for p in idle if p.idle_since <= horizon]:
+                self.close(protocol)
 
     def close(self, protocol: UpstreamProtocol) -> None:
         """Close a connection and forget it."""
@@ -303,16 +312,15 @@ class UpstreamPool:
         idle = self._idle.get(protocol.target)
         if idle and protocol in idle:
             idle.remove(protocol)
-        timer = protocol.idle_timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        protocol.idle_timer = None
 
     def close_all(self) -> None:
         """Close every connection (shutdown)."""
         for protocol in list(self._all):
             self.close(protocol)
         self._idle.clear()
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None
 
     @property
     def open_connections(self) -> int:

@@ -106,12 +106,13 @@ class Bulkhead:
         self._in_flight = 0
         self._queue: deque[_Waiter] = deque()
         registry = registry_or_private(registry)
-        self._in_flight_gauge = metric(
-            Gauge, registry, "appliance_bulkhead_in_flight",
-            "Calls running inside the bulkhead.", ("bulkhead",)).labels(name)
-        self._queued_gauge = metric(
-            Gauge, registry, "appliance_bulkhead_queued",
-            "Calls waiting for a bulkhead slot.", ("bulkhead",)).labels(name)
+        # Read at scrape time: setting a gauge takes a lock on every call.
+        metric(Gauge, registry, "appliance_bulkhead_in_flight",
+               "Calls running inside the bulkhead.", ("bulkhead",)).labels(name).set_function(
+            lambda: self._in_flight)
+        metric(Gauge, registry, "appliance_bulkhead_queued",
+               "Calls waiting for a bulkhead slot.", ("bulkhead",)).labels(name).set_function(
+            lambda: len(self._queue))
         rejected = metric(
             Counter, registry, "appliance_bulkhead_rejected_total",
             "Calls rejected by the bulkhead (full, or waited too long).",
@@ -146,7 +147,6 @@ class Bulkhead:
         if self.queue_timeout is not None:
             waiter.timer = self._clock.callLater(self.queue_timeout, self._expire, waiter)
         self._queue.append(waiter)
-        self._queued_gauge.set(len(self._queue))
         return waiter.deferred
 
     def try_acquire(self) -> Permit | None:
@@ -180,15 +180,12 @@ class Bulkhead:
 
     def _grant(self) -> Permit:
         self._in_flight += 1
-        self._in_flight_gauge.set(self._in_flight)
         return Permit(self)
 
     def _release(self) -> None:
         self._in_flight -= 1
-        self._in_flight_gauge.set(self._in_flight)
         while self._queue and self._in_flight < self.max_concurrent:
             waiter = self._queue.popleft()
-            self._queued_gauge.set(len(self._queue))
             self._stop_timer(waiter)
             waiter.deferred.callback(self._grant())
 
@@ -208,7 +205,6 @@ class Bulkhead:
             self._queue.remove(waiter)
         except ValueError:
             return False
-        self._queued_gauge.set(len(self._queue))
         return True
 
     @staticmethod

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from prometheus_client import CollectorRegistry, Counter
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-
-from appliance.host.metrics import LATENCY_BUCKETS
+from appliance.host.metrics import LATENCY_BUCKETS, FastHistogram
 
 REFUSALS = ("no such upstream", "bad_request", "unauthenticated", "auth_unavailable",
             "policy_denied", "secret_unavailable", "egress_refused", "bulkhead_full",
@@ -17,14 +15,14 @@ class ProxyMetrics:
     """Request histograms by upstream and status class, refusals by reason."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._requests = Histogram(
+        self._requests = FastHistogram(
             "appliance_secretproxy_request_seconds",
             "Request duration (client view) by upstream and status class.",
-            ["upstream", "class"], buckets=LATENCY_BUCKETS, registry=registry)
-        self._upstream = Histogram(
+            ["upstream", "class"], LATENCY_BUCKETS, registry)
+        self._upstream = FastHistogram(
             "appliance_secretproxy_upstream_seconds",
             "Time from sending a request upstream to its response head.",
-            ["upstream"], buckets=LATENCY_BUCKETS, registry=registry)
+            ["upstream"], LATENCY_BUCKETS, registry)
         self._refused = Counter("appliance_secretproxy_refused",
                                 "Requests answered by the proxy itself, by reason.",
                                 ["reason"], registry=registry)
@@ -37,7 +35,6 @@ class ProxyMetrics:
         self._audit_failures = Counter("appliance_secretproxy_audit_failures",
                                        "Policy decisions the audit log could not record.",
                                        registry=registry)
-        self._children: dict[Any, Any] = {}
         for reason in REFUSALS:
             self._refused.labels(reason)
         for scope in ("global", "upstream", "identity"):
@@ -46,16 +43,9 @@ class ProxyMetrics:
     def request(self, upstream: str, klass: str, duration: float,
                 upstream_seconds: float) -> None:
         """One finished request."""
-        key = (upstream, klass)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._requests.labels(upstream, klass)
-        child.observe(duration)
+        self._requests.observe((upstream, klass), duration)
         if upstream_seconds:
-            child = self._children.get(upstream)
-            if child is None:
-                child = self._children[upstream] = self._upstream.labels(upstream)
-            child.observe(upstream_seconds)
+            self._upstream.observe((upstream,), upstream_seconds)
 
     def refused(self, reason: str) -> None:
         """A request the proxy answered itself."""

@@ -23,7 +23,7 @@ from appliance.auth import AuthRequest, AuthResult, Identity
 from appliance.host.tls import peer_identity
 from appliance.http.errors import HTTPError
 from appliance.http.exchange import IDEMPOTENT, Exchange, UpstreamPlan
-from appliance.http.headers import ENGINE_OWNED_REQUEST, VIA, forwardable
+from appliance.http.headers import VIA, forwardable
 from appliance.http.normalize import normalize_target
 from appliance.http.upstream import UpstreamTarget
 from appliance.policy import PolicyDecision, PolicyInput

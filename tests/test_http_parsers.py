@@ -1,0 +1,71 @@
+"""Property tests for the HTTP head parser and body decoders: any bytes give a
+parsed message or a typed HTTPError, never another exception."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.http.body import LAST_CHUNK, ChunkedDecoder, LengthDecoder, chunk
+from appliance.http.errors import HTTPError
+from appliance.http.head import find_head_end, parse_request_head, parse_response_head
+
+FIELD_BYTES = st.binary(max_size=30) | st.sampled_from(
+    [b"Content-Length: 5", b"Transfer-Encoding: chunked", b"Host: x", b" folded",
+     b"X: \x00", b"Bad Name: 1", b"a:b", b"Connection: close", b"\r", b"\n"])
+
+
+@settings(max_examples=400)
+@given(st.lists(FIELD_BYTES, max_size=8), st.sampled_from([b"GET / HTTP/1.1",
+                                                          b"HTTP/1.1 200 OK", b"junk"]))
+def test_heads_parse_or_raise_http_errors(lines: list[bytes], first: bytes) -> None:
+    """Random header blocks: a head or HTTPError, for requests and responses."""
+    data = first + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    end = find_head_end(data)
+    if end < 0:
+        return
+    for parse in (parse_request_head, parse_response_head):
+        try:
+            head = parse(data[:end])
+        except HTTPError as error:
+            assert 400 <= error.status < 600
+        else:
+            assert all(name == name.lower() for name, _ in head.headers)
+
+
+@settings(max_examples=400)
+@given(st.binary(max_size=200))
+def test_chunked_decoder_takes_any_bytes(data: bytes) -> None:
+    """Random input to the chunked decoder: data or HTTPError."""
+    decoder = ChunkedDecoder()
+    try:
+        out, rest = decoder.feed(data)
+    except HTTPError as error:
+        assert error.status == 400
+    else:
+        assert len(out) <= len(data)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=50), max_size=6),
+       st.integers(min_value=1, max_value=7))
+def test_chunked_round_trip_in_any_pieces(pieces: list[bytes], step: int) -> None:
+    """Encoded chunks decode to the same bytes however the input is split."""
+    encoded = b"".join(chunk(p) for p in pieces) + LAST_CHUNK + b"NEXT"
+    decoder = ChunkedDecoder()
+    out, rest = b"", b""
+    for index in range(0, len(encoded), step):
+        data, rest = decoder.feed(encoded[index:index + step])
+        out += data
+        if decoder.done:
+            rest += encoded[index + step:]
+            break
+    assert out == b"".join(pieces) and decoder.done and rest == b"NEXT"
+
+
+@given(st.integers(min_value=0, max_value=100), st.binary(max_size=150))
+def test_length_decoder_stops_at_the_length(length: int, data: bytes) -> None:
+    """A fixed-length body never takes more than its length."""
+    decoder = LengthDecoder(length)
+    body, rest = decoder.feed(data)
+    assert body + rest == data and len(body) == min(length, len(data))
+    assert decoder.done == (len(data) >= length)
