@@ -1,6 +1,6 @@
 """
 The C{appliance} command: operator tools that run without the reactor
-(C{check-config}, C{audit-verify}).
+(C{check-config}, C{audit-verify}, C{secrets}).
 """
 
 from __future__ import annotations
@@ -68,11 +68,21 @@ def _parser() -> argparse.ArgumentParser:
     audit = commands.add_parser(
         "audit-verify", help="check the hash chain of audit log files (any order)")
     audit.add_argument("files", metavar="FILE", nargs="+")
+    secrets = commands.add_parser(
+        "secrets", help="manage the secret proxy's encrypted secret store "
+                        "(init, put, rotate, delete, list, verify; values from stdin)",
+        add_help=False)
+    secrets.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the C{appliance} console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["secrets"]:  # its own parser, options and help
+        from appliance.secretproxy.secrets.cli import main as secrets_main
+
+        return secrets_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -17,7 +18,15 @@ from twisted.plugin import getPlugins
 
 from tests.canary import CANARY, CANARY_ENV
 from tests.harness.ports import free_port
-from tests.processes import ROOT, ApplianceProcess, connect, http_get, run_command
+from tests.processes import (
+    BIN,
+    ROOT,
+    ApplianceProcess,
+    connect,
+    environment,
+    http_get,
+    run_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -311,3 +320,17 @@ def test_audit_log_records_lifecycle_and_verifies(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     result = run_command("appliance", "audit-verify", str(path))
     assert result.returncode == 1 and ":2:" in result.stderr, result.stderr
+
+
+def test_secrets_command_manages_the_store(tmp_path: Path) -> None:
+    """appliance secrets init/put/list work through the main command; values come from
+    stdin and never show in its output."""
+    store, key = str(tmp_path / "store.json"), str(tmp_path / "store.key")
+    common = ("--store", store, "--key-file", key)
+    assert run_command("appliance", "secrets", "init", *common).returncode == 0
+    put = subprocess.run([str(BIN / "appliance"), "secrets", "put", "api", *common],
+                         input=CANARY, capture_output=True, text=True, timeout=60,
+                         env=environment())
+    assert put.returncode == 0 and CANARY not in put.stdout + put.stderr
+    listed = run_command("appliance", "secrets", "list", *common)
+    assert listed.returncode == 0 and "api" in listed.stdout and CANARY not in listed.stdout

@@ -61,6 +61,10 @@ _MAX_DEPTH = 32
 _BATCH = 512
 
 
+WAKE_DELAY = 0.02
+"""Seconds lines may wait in memory before the writer thread is woken."""
+
+
 @frozen
 class AuditConfig:
     """The C{[audit]} section."""
@@ -308,6 +312,7 @@ class AuditLog(Service):
         self._clock = clock if clock is not None else reactor
         self._cond = threading.Condition()
         self._items: collections.deque[_Line | _Sync | _Stop] = collections.deque()
+        self._wake_scheduled = False
         self._depth = 0
         self._next_seq = 0
         self._prev = GENESIS
@@ -357,6 +362,15 @@ class AuditLog(Service):
             fields = encode_fields(event)
         except AuditEventError as error:
             return self._refuse(error, "invalid")
+        return self.write_encoded(fields)
+
+    def write_encoded(self, fields: bytes) -> Deferred[int]:
+        """
+        Record fields already serialised by L{encode_fields} (callers that
+        log the same kind of event many times cache that work).
+        """
+        if not self.running:
+            return self._refuse(AuditClosed("the audit log is not running"), "closed")
         when = rfc3339(self._clock.seconds())
         deferred: Deferred[int] = Deferred()
         with self._cond:
@@ -379,7 +393,12 @@ class AuditLog(Service):
                     self._depth += 1
                     self._next_seq += 1
                     self._prev = digest
-                    self._cond.notify()
+                    if not self._wake_scheduled:
+                        # Wake the writer thread at most every WAKE_DELAY: each
+                        # wake-up makes it compete with the reactor for the GIL,
+                        # which cost far more than the writing itself.
+                        self._wake_scheduled = True
+                        self._reactor.callLater(WAKE_DELAY, self._wake)
         if refused is not None:
             return self._refuse(*refused)
         self._full_logged = False
@@ -387,6 +406,11 @@ class AuditLog(Service):
             self._sync_call = self._clock.callLater(self.config.fsync_interval,
                                                     self._sync_due)
         return deferred
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._wake_scheduled = False
+            self._cond.notify()
 
     def flush(self) -> Deferred[None]:
         """Fires once every line queued so far is written and fsynced."""
