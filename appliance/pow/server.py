@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.http.fastwrite import write_now
 from appliance.pow.engine import PowEngine
 from appliance.pow.frames import (
     ErrorCode,
@@ -130,7 +131,7 @@ class PowProtocol(Protocol):
         self._busy = False
         if self._closing:
             return
-        self.transport.write(encode(MessageType.CHALLENGE, payload))
+        write_now(self.transport, encode(MessageType.CHALLENGE, payload))
         self._awaiting_solution = True
         self._cancel_phase()
         self._start_phase(self.engine.config.solution_timeout, "no solution in time")
@@ -142,7 +143,7 @@ class PowProtocol(Protocol):
         self._cancel_phase()
         if self._closing:
             return
-        self.transport.write(encode(MessageType.QUOTE, quote.to_json()))
+        write_now(self.transport, encode(MessageType.QUOTE, quote.to_json()))
         self._rounds += 1
         if self._draining or self._rounds >= self.engine.config.rounds_per_connection:
             self._close()
@@ -164,7 +165,7 @@ class PowProtocol(Protocol):
         if self._closing:
             return
         self.engine.metrics.rejected.labels(code).inc()
-        self.transport.write(error_frame(code, message))
+        write_now(self.transport, error_frame(code, message))
         self._close()
 
     def _close(self) -> None:
