@@ -16,19 +16,17 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
-import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pymysql
 
 from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.process import ServerProcess
 
 #: The system user that owns the data when the test session runs as root.
 SYSTEM_USER = "mysql"
@@ -46,7 +44,7 @@ SERVER_OPTIONS = (
 )
 
 
-class MariaDBServer:
+class MariaDBServer(ServerProcess):
     """A running throwaway MariaDB server; see the module docstring.
 
     Attributes: ``host`` (127.0.0.1), ``port``, ``user``/``password``/``database``
@@ -130,63 +128,8 @@ class MariaDBServer:
             f"--init-file={self._init_file}",
             *self._options,
         ]
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                args,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in pytest must not reach the server
-            )
+        self._spawn(args)
         self._wait_ready()
-
-    def stop(self) -> None:
-        """Stop the server with SIGTERM and wait for it (SIGKILL if it hangs)."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=SERVER_WAIT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=SERVER_WAIT)
-
-    def kill(self) -> None:
-        """Kill the server with SIGKILL (a crash) and reap it."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait(timeout=SERVER_WAIT)
-
-    def close(self) -> None:
-        """Stop the server and remove its temporary folder; safe to call twice."""
-        if self._closed:
-            return
-        try:
-            self.stop()
-        finally:
-            self._closed = True
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def __enter__(self) -> Self:
-        """Return the running server."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the server."""
-        self.close()
 
     def __repr__(self) -> str:
         """Show where the server listens."""

@@ -11,20 +11,16 @@ library.
 
 from __future__ import annotations
 
-import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from tests.harness.ports import LOOPBACK, free_port
+from tests.harness.process import SERVER_WAIT, ServerProcess
 
 #: Seconds to wait for the server to answer PING, and to exit on SIGTERM.
-SERVER_WAIT = 30.0
 
 
 def resp_command(
@@ -62,7 +58,7 @@ def _encode(command: tuple[str, ...]) -> bytes:
     return b"".join(parts)
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """A running throwaway Redis server; see the module docstring.
 
     Attributes: ``host`` (127.0.0.1), ``port``, ``password`` (``None`` when
@@ -121,63 +117,8 @@ class RedisServer:
         ]
         if self.password is not None:
             args += ["--requirepass", self.password]
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                args,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in pytest must not reach the server
-            )
+        self._spawn(args)
         self._wait_ready()
-
-    def stop(self) -> None:
-        """Stop the server with SIGTERM and wait for it (SIGKILL if it hangs)."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=SERVER_WAIT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=SERVER_WAIT)
-
-    def kill(self) -> None:
-        """Kill the server with SIGKILL (a crash) and reap it."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait(timeout=SERVER_WAIT)
-
-    def close(self) -> None:
-        """Stop the server and remove its temporary folder; safe to call twice."""
-        if self._closed:
-            return
-        try:
-            self.stop()
-        finally:
-            self._closed = True
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def __enter__(self) -> Self:
-        """Return the running server."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the server."""
-        self.close()
 
     def __repr__(self) -> str:
         """Show where the server listens."""
