@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -132,7 +132,3 @@ class HostedService(Service):
         """
         raise ReloadNotSupported(f"{self.name} cannot reload; restart to apply")
 
-
-def no_op() -> Deferred[None]:
-    """An already-fired Deferred, for stages with nothing to do."""
-    return succeed(None)

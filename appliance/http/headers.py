@@ -33,12 +33,3 @@ def forwardable(head: Head, extra: frozenset[bytes]) -> list[tuple[bytes, bytes]
     drop = dropped_fields(head, extra)
     return [(name, value) for name, value in head.headers if name not in drop]
 
-
-def serialize(first_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
-    """A head ready to write: first line, fields, blank line."""
-    parts = [first_line]
-    for name, value in fields:
-        parts.append(name + b": " + value)
-    parts.append(b"")
-    parts.append(b"")
-    return b"\r\n".join(parts)

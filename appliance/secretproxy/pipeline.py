@@ -52,7 +52,6 @@ class UpstreamRuntime:
     authenticator: Any
     resolver: Any
     bulkhead: Any
-    limiter: Any
     drop: frozenset[bytes]
     client_tls: Any
 
@@ -102,22 +101,18 @@ class Pipeline:
             exchange.respond_error(400, "repeated routing or credential header")
             return
         try:
-            path_bytes_target = head.target
-            if path_bytes_target[:1] != b"/":
+            if head.target[:1] != b"/":
                 raise HTTPError(400, "only origin-form request targets are accepted")
+            normalized, query = normalize_target(head.target, self.config.max_head)
             named = head.get(self.route_header)
             if named is not None:
                 config = self.routes.by_header(named)
-                normalized, query = normalize_target(path_bytes_target, self.config.max_head)
-                path = normalized.path
             else:
-                normalized, query = normalize_target(path_bytes_target, self.config.max_head)
                 found = self.routes.by_path(normalized.path)
                 config = None
                 if found is not None:
                     config, rest = found
                     normalized, _ = normalize_target(rest.encode("utf-8"))
-                path = normalized.path
             if config is None:
                 raise HTTPError(403, "no such upstream")
             path = normalized.wire.decode("ascii")  # policy decides on what is sent

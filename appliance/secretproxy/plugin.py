@@ -96,7 +96,7 @@ class SecretProxyService(HostedService):
         return UpstreamRuntime(
             config=config,
             authenticator=Authenticator([self.auth_methods[m] for m in config.auth]),
-            resolver=resolver, bulkhead=bulkhead, limiter=None, drop=frozenset(drop),
+            resolver=resolver, bulkhead=bulkhead, drop=frozenset(drop),
             client_tls=client_tls)
 
     def _own_addresses(self) -> list[Any]:
