@@ -332,27 +332,39 @@ async def test_failed_write_is_undone_and_the_log_carries_on(
     registry = CollectorRegistry()
     path = tmp_path / "audit.jsonl"
     log = start_log(reactor, path, registry, cls=FullDisk)
-    writes = [log.write({"n": n}) for n in range(4)]
+    assert await log.write({"n": 0}) == 0  # the first write
+    # Lines queued together go out in one write: the second write, which fails.
+    writes = [log.write({"n": n}) for n in range(1, 4)]
     outcomes: list[Any] = []
     for d in writes:
         try:
             outcomes.append(await d)
         except AuditWriteError as error:
             outcomes.append(error)
-    assert outcomes[0] == 0
-    assert "No space left" in str(outcomes[1])
-    # Lines queued behind the lost one fail too; any the reactor added after
-    # the writer reset the chain are written normally.
-    written = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, int)]
-    assert written[0] == 0 and 1 not in written
-    assert await log.write({"n": 4}) == len(written)
+    assert all("No space left" in str(outcome) for outcome in outcomes)
+    assert log.writes == 2
+    assert await log.write({"n": 4}) == 1  # the chain restarts after line 0
     await log.stopService()
     records = records_of(path)
-    assert [r["n"] for r in records] == written + [4]
-    assert [r["seq"] for r in records] == list(range(len(written) + 1))
+    assert [r["n"] for r in records] == [0, 4]
+    assert [r["seq"] for r in records] == [0, 1]
     assert verify([str(path)]).ok
-    assert sample(log, registry, "appliance_audit_write_errors_total",
-                  reason="io") == 4 - len(written)
+    assert sample(log, registry, "appliance_audit_write_errors_total", reason="io") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_queued_together_are_written_at_once(
+        reactor: Any, tmp_path: Path) -> None:
+    """A burst of events costs one write, not one per line."""
+    path = tmp_path / "audit.jsonl"
+    log = start_log(reactor, path, cls=FullDisk)
+    log.writes = 10  # never fail
+    seqs = await defer.gatherResults([log.write({"n": n}) for n in range(50)])
+    assert seqs == list(range(50))
+    assert log.writes == 11
+    await log.stopService()
+    assert [r["n"] for r in records_of(path)] == list(range(50))
+    assert verify([str(path)]).ok
 
 
 class BrokenSync(AuditLog):

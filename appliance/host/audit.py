@@ -518,6 +518,7 @@ class AuditLog(Service):
                  final: bool) -> None:
         pending: list[_Line] = []  # written, waiting for the batch's fsync
         broken: AuditError | None = None
+        run: list[_Line] = []  # consecutive lines, written together
         for item in batch:
             if isinstance(item, _Line):
                 if self._failure is not None:
@@ -525,49 +526,72 @@ class AuditLog(Service):
                 elif broken is not None:
                     self._lost(item, broken, results)
                 else:
-                    broken = self._write_line(item, pending, results)
-            elif isinstance(item, _Sync):
+                    run.append(item)
+                continue
+            if run:
+                broken = self._write_run(run, pending, results)
+                run = []
+            if isinstance(item, _Sync):
                 error = self._sync_if_dirty()
                 self._ack(pending, results, error)
                 if item.deferred is not None:
                     results.append((item.deferred, error))
+        if run:
+            self._write_run(run, pending, results)
         if self.config.fsync == "always" or final:
             self._ack(pending, results, self._sync_if_dirty())
         else:
             self._ack(pending, results, None)
 
-    def _write_line(self, item: _Line, pending: list[_Line],
-                    results: list[tuple[Deferred[Any], Any]]) -> AuditError | None:
-        """Write one line (rotating first if needed); on failure undo and purge."""
-        needed = len(item.data) + 1
-        if self._size > 0 and self._size + needed > self.config.rotate_size:
+    def _write_run(self, run: list[_Line], pending: list[_Line],
+                   results: list[tuple[Deferred[Any], Any]]) -> AuditError | None:
+        """
+        Write consecutive lines in as few writes as rotation allows (one
+        write per wake-up, not one per line: each system call hands the GIL
+        back and forth with the reactor). On failure, undo and purge.
+        """
+        limit = self.config.rotate_size
+        start = 0
+        while start < len(run):
+            if self._size > 0 and self._size + len(run[start].data) + 1 > limit:
+                try:
+                    self._rotate()
+                except OSError as error:
+                    self._fail(f"rotating {self.config.path} failed: {error}; "
+                               "restart needed")
+                    broken = AuditWriteError(self._failure or "")
+                    for item in run[start:]:
+                        self._lost(item, broken, results)
+                    return broken
+            end, size = start, self._size
+            while end < len(run) and (size == 0 or size + len(run[end].data) + 1 <= limit):
+                size += len(run[end].data) + 1
+                end += 1
+            chunk = run[start:end]
             try:
-                self._rotate()
+                self._write_all(self._fd, b"\n".join([item.data for item in chunk]) + b"\n")
             except OSError as error:
-                self._fail(f"rotating {self.config.path} failed: {error}; restart needed")
-                broken = AuditWriteError(self._failure or "")
-                self._lost(item, broken, results)
-                return broken
-        try:
-            self._write_all(self._fd, item.data + b"\n")
-        except OSError as error:
-            return self._undo(item, pending, results, error)
-        self._size += needed
-        self._dirty = True
-        self._good = (self._size, item.seq, item.digest)
-        self._lines.inc()
-        if self.config.fsync == "always":
-            pending.append(item)
-        else:
-            results.append((item.deferred, item.seq))
+                return self._undo(run[start:], pending, results, error)
+            self._size = size
+            self._dirty = True
+            last = chunk[-1]
+            self._good = (size, last.seq, last.digest)
+            self._lines.inc(len(chunk))
+            if self.config.fsync == "always":
+                pending.extend(chunk)
+            else:
+                results.extend((item.deferred, item.seq) for item in chunk)
+            start = end
         return None
 
-    def _undo(self, item: _Line, pending: list[_Line],
+    def _undo(self, lost: list[_Line], pending: list[_Line],
               results: list[tuple[Deferred[Any], Any]], error: OSError) -> AuditError:
         """
         A write failed (disk full, I/O error): cut the file back to the last
-        whole line and restart the chain from it, failing every line already
-        chained on the lost one. The next write tries again.
+        whole line before it and restart the chain from there, failing the
+        C{lost} lines (the failed write's and those after it in the batch)
+        and every line already chained on them.
+        The next write tries again.
         """
         broken = AuditWriteError(f"writing {self.config.path} failed: {error.strerror or error}")
         offset, seq, digest = self._good
@@ -583,10 +607,10 @@ class AuditLog(Service):
                 self._items.remove(queued_line)
             self._depth = 0
             self._next_seq, self._prev = seq + 1, digest
-        for lost in [item, *queued]:
-            self._lost(lost, broken, results)
+        for line in [*lost, *queued]:
+            self._lost(line, broken, results)
         self._report("audit: {error}; {count} event(s) not recorded",
-                     error=str(broken), count=1 + len(queued))
+                     error=str(broken), count=len(lost) + len(queued))
         return broken
 
     def _lost(self, item: _Line, error: AuditError,
