@@ -11,10 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from twisted.logger import globalLogPublisher
 
 from tests import canary
 from tests.harness.fixtures import *  # noqa: F401,F403  (server fixtures)
+
+# No per-example deadline: on a shared 2-core machine a busy moment made an
+# example exceed hypothesis' default 200 ms and fail a correct test.
+settings.register_profile("appliance", deadline=None)
+settings.load_profile("appliance")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -1,5 +1,5 @@
 """
-Write-through for plain TCP transports on the hot path.
+Write-through and close-through for plain TCP transports on the hot path.
 
 Twisted's C{transport.write} always buffers, asks epoll to watch the socket
 for writability, sends on the next reactor turn, then asks epoll to stop
@@ -13,13 +13,19 @@ It relies on C{twisted.internet.tcp.Connection}'s buffer fields and applies
 to exactly that class: a TLS transport wraps one and forwards attribute
 lookups to it, so duck typing would find the raw socket and bypass TLS.
 Anything else (TLS, memory transports in tests) takes the normal path.
+
+L{close_now} is the same idea for closing: C{loseConnection} asks epoll to
+watch for writability, waits a reactor turn, sends nothing, and only then
+closes; with nothing buffered, closing at once is the same orderly FIN.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.tcp import Connection
+from twisted.python.failure import Failure
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -37,3 +43,31 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+# One Failure for every orderly close: building one walks the exception's
+# class hierarchy, which cost more than the close itself. It carries no
+# traceback and protocols only inspect it.
+_CLOSED = Failure(ConnectionDone())
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Stands in for doRead/doWrite once a connection is closed."""
+
+
+def close_now(transport: Any) -> None:
+    """
+    Close C{transport} in an orderly way at once if nothing is buffered (the
+    protocol's C{connectionLost} runs before this returns), else
+    C{loseConnection}.
+    """
+    if (isinstance(transport, Connection) and transport.connected
+            and not transport.disconnecting and not transport._tempDataLen
+            and not transport.dataBuffer and transport.producer is None):
+        transport.disconnecting = True
+        # Like abortConnection: an event for this socket may still be queued
+        # in the reactor's current epoll batch.
+        transport.doRead = transport.doWrite = _ignore
+        transport.connectionLost(_CLOSED)
+        return
+    transport.loseConnection()

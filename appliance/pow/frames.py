@@ -66,6 +66,7 @@ class Frame:
     payload: dict[str, Any]
 
 
+_TYPES = {member.value: member for member in MessageType}
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
@@ -97,6 +98,13 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         """Add bytes; return every complete frame."""
+        if not self._buffer and len(data) >= HEADER.size:
+            # The common case, one whole frame in one read: no buffer copies.
+            version, type_code, length = HEADER.unpack_from(data)
+            message_type = _TYPES.get(type_code)
+            if (version == VERSION and length <= self.max_frame and message_type is not None
+                    and len(data) == HEADER.size + length):
+                return [Frame(message_type, _decode_payload(data[HEADER.size:]))]
         self._buffer += data
         frames = []
         while len(self._buffer) >= HEADER.size:
@@ -106,11 +114,9 @@ class FrameDecoder:
             if length > self.max_frame:
                 raise ProtocolError(ErrorCode.TOO_LARGE,
                                     f"frame of {length} bytes exceeds {self.max_frame}")
-            try:
-                message_type = MessageType(type_code)
-            except ValueError:
-                raise ProtocolError(ErrorCode.UNKNOWN_TYPE,
-                                    f"unknown message type {type_code}") from None
+            message_type = _TYPES.get(type_code)
+            if message_type is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {type_code}")
             end = HEADER.size + length
             if len(self._buffer) < end:
                 break
@@ -120,9 +126,12 @@ class FrameDecoder:
         return frames
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _decode_payload(body: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(body.decode("utf-8"))
+        payload = _DECODER.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError(ErrorCode.BAD_FRAME, "payload is not valid JSON") from None
     if not isinstance(payload, dict):

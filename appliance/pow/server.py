@@ -5,7 +5,9 @@ and the L{PowEngine}, and enforces the per-phase deadlines.
 Phases: waiting for the first byte (or the next request), inside a frame,
 and solving (from the challenge to the complete solution frame). Each has
 its own deadline on the reactor's clock; missing one earns a C{timeout}
-error and a close.
+error and a close. One reactor timer per connection carries the phase
+deadline and is moved (C{reset}) from phase to phase: creating and
+cancelling a timer per phase was a measurable share of a session's cost.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from appliance.http.fastwrite import write_now
+from appliance.http.fastwrite import close_now, write_now
 from appliance.pow.engine import PowEngine
 from appliance.pow.frames import (
     ErrorCode,
@@ -30,6 +32,9 @@ from appliance.pow.frames import (
     encode,
     error_frame,
 )
+from appliance.pow.quotes import Quote
+
+_QUOTE_FRAMES_MAX = 4096
 
 
 class PowProtocol(Protocol):
@@ -47,6 +52,7 @@ class PowProtocol(Protocol):
         self._rounds = 0
         self._group: str | None = None
         self._phase: IDelayedCall | None = None
+        self._phase_why = ""
         self._frame_timer: IDelayedCall | None = None
 
     @property
@@ -61,8 +67,8 @@ class PowProtocol(Protocol):
         self._group = self.engine.admit(self.address)
         if self._group is None:
             self._closing = True
-            self.transport.write(error_frame(ErrorCode.BUSY, "too many connections"))
-            self.transport.loseConnection()
+            write_now(self.transport, error_frame(ErrorCode.BUSY, "too many connections"))
+            close_now(self.transport)
             return
         self.decoder = FrameDecoder(self.engine.config.max_frame)
         self.factory.tracker.add(self)
@@ -87,7 +93,7 @@ class PowProtocol(Protocol):
         if self._closing:
             return
         if not self._awaiting_solution:
-            self._cancel_phase()
+            self._stop_phase()
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as error:
@@ -133,17 +139,16 @@ class PowProtocol(Protocol):
             return
         write_now(self.transport, encode(MessageType.CHALLENGE, payload))
         self._awaiting_solution = True
-        self._cancel_phase()
         self._start_phase(self.engine.config.solution_timeout, "no solution in time")
         self._pump()
 
-    def _send_quote(self, quote: Any) -> None:
+    def _send_quote(self, quote: Quote) -> None:
         self._busy = False
         self._awaiting_solution = False
-        self._cancel_phase()
+        self._stop_phase()
         if self._closing:
             return
-        write_now(self.transport, encode(MessageType.QUOTE, quote.to_json()))
+        write_now(self.transport, self.factory.quote_frame(quote))
         self._rounds += 1
         if self._draining or self._rounds >= self.engine.config.rounds_per_connection:
             self._close()
@@ -172,14 +177,29 @@ class PowProtocol(Protocol):
         self._closing = True
         self._cancel_timers()
         self._queue.clear()
-        self.transport.loseConnection()
+        close_now(self.transport)
 
     # -- deadlines ---------------------------------------------------------
 
     def _start_phase(self, seconds: float, why: str) -> None:
-        self._phase = self.factory.clock.callLater(seconds, self._timed_out, why)
+        self._phase_why = why
+        phase = self._phase
+        if phase is None:
+            self._phase = self.factory.clock.callLater(seconds, self._phase_passed)
+        else:
+            phase.reset(seconds)  # cheap when the deadline moves later
+
+    def _stop_phase(self) -> None:
+        """Between phases (a frame is being handled): no phase deadline runs."""
+        self._phase_why = ""
+
+    def _phase_passed(self) -> None:
+        self._phase = None
+        if self._phase_why:
+            self._timed_out(self._phase_why)
 
     def _cancel_phase(self) -> None:
+        self._phase_why = ""
         if self._phase is not None and self._phase.active():
             self._phase.cancel()
         self._phase = None
@@ -216,3 +236,13 @@ class PowFactory(Factory):
         self.engine = engine
         self.clock = clock
         self.tracker = tracker
+        self._quote_frames: dict[Quote, bytes] = {}
+
+    def quote_frame(self, quote: Quote) -> bytes:
+        """The QUOTE frame for C{quote}, encoded once (quotes repeat)."""
+        frame = self._quote_frames.get(quote)
+        if frame is None:
+            if len(self._quote_frames) >= _QUOTE_FRAMES_MAX:
+                self._quote_frames.clear()  # API quotes come and go
+            frame = self._quote_frames[quote] = encode(MessageType.QUOTE, quote.to_json())
+        return frame
