@@ -148,6 +148,7 @@ class ChallengeSigner:
         return hmac.compare_digest(self.sign(challenge, canonical), signature.lower())
 
 
+@functools.cache
 def target(difficulty: int) -> bytes:
     """A digest is good when it is lexicographically below this value."""
     if difficulty <= 0:
