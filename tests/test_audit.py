@@ -36,7 +36,14 @@ from appliance.host.audit import (
     credential_key,
     encode_fields,
 )
-from appliance.host.audit_verify import GENESIS, RECOVERED_EVENT, line_hash, verify
+from appliance.host.audit_verify import (
+    GENESIS,
+    RECOVERED_EVENT,
+    build_line,
+    line_hash,
+    rfc3339,
+    verify,
+)
 from appliance.host.redact import redact, remember_secret
 
 
@@ -559,3 +566,45 @@ async def test_metrics_are_registered(reactor: Any, tmp_path: Path) -> None:
         assert name in names, name
     assert sample(log, registry, "appliance_audit_lines_total") == 2.0
     assert sample(log, registry, "appliance_audit_write_errors_total", reason="io") == 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_record_encoded_reports_only_failures(reactor: Any, tmp_path: Path) -> None:
+    """record_encoded chains like write_encoded; on_error hears of write failures only."""
+    registry = CollectorRegistry()
+    path = tmp_path / "audit.jsonl"
+    log = start_log(reactor, path, registry, cls=FullDisk)
+    errors: list[Any] = []
+    log.record_encoded(encode_fields({"n": 0}), errors.append)
+    assert await log.write({"n": 1}) == 1  # the first write, both lines
+    log.record_encoded(encode_fields({"n": 2}), errors.append)  # the second write fails
+    await failure_of(log.write({"n": 3}))
+    assert [failure.check(AuditWriteError) for failure in errors] == [AuditWriteError]
+    assert "No space left" in errors[0].getErrorMessage()
+    await log.stopService()
+    assert [r["n"] for r in records_of(path)] == [0, 1]
+    assert verify([str(path)]).ok
+
+
+@pytest_twisted.ensureDeferred
+async def test_record_encoded_refused_at_once(reactor: Any, tmp_path: Path) -> None:
+    """A line refused on the spot (log stopped) reaches on_error at once, and is counted."""
+    registry = CollectorRegistry()
+    log = start_log(reactor, tmp_path / "audit.jsonl", registry)
+    await log.stopService()
+    errors: list[Any] = []
+    log.record_encoded(encode_fields({"n": 0}), errors.append)
+    assert [failure.check(AuditClosed) for failure in errors] == [AuditClosed]
+    assert sample(log, registry, "appliance_audit_write_errors_total", reason="closed") == 1
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 2**40), st.floats(0, 4e9, allow_nan=False) | st.integers(0, 4 * 10**9),
+       st.sampled_from([b"", b'"event":"x"', b'"a":1,"b":"c"']))
+def test_line_envelope_is_build_line_of_rfc3339(seq: int, now: float, fields: bytes) -> None:
+    """The one-format envelope is byte for byte build_line(seq, rfc3339(now), prev, fields)."""
+    log = AuditLog(AuditConfig("/nonexistent/audit.jsonl"), Clock(), CollectorRegistry())
+    log._prev = line_hash(b"previous")
+    for moment in (now, now + 0.5, now):  # the cached date part, reused and replaced
+        assert log._line(seq, moment, fields) == build_line(seq, rfc3339(moment), log._prev,
+                                                            fields)

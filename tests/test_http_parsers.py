@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 
 from appliance.http.body import LAST_CHUNK, ChunkedDecoder, LengthDecoder, chunk
 from appliance.http.errors import HTTPError
-from appliance.http.head import find_head_end, parse_request_head, parse_response_head
+from appliance.http.head import (
+    _parse_block,
+    _parse_block_strictly,
+    find_head_end,
+    parse_request_head,
+    parse_response_head,
+)
 
 FIELD_BYTES = st.binary(max_size=30) | st.sampled_from(
     [b"Content-Length: 5", b"Transfer-Encoding: chunked", b"Host: x", b" folded",
@@ -69,3 +75,43 @@ def test_length_decoder_stops_at_the_length(length: int, data: bytes) -> None:
     body, rest = decoder.feed(data)
     assert body + rest == data and len(body) == min(length, len(data))
     assert decoder.done == (len(data) >= length)
+
+
+FIELD_LINES = st.lists(FIELD_BYTES | st.sampled_from(
+    [b"Host: y", b"X-A:  spaced  value \t", b"x-a: again", b"Name:", b"Na\tme: v", b":v",
+     b"K: v\x7f", b"K: caf\xc3\xa9", b"K: a:b", b"K:\tv"]), max_size=8)
+
+
+def _outcome(parse: object, block: bytes) -> object:
+    """What C{parse} returns for C{block}, or the (status, reason) it refuses with."""
+    try:
+        return parse(block)  # type: ignore[operator]
+    except HTTPError as error:
+        return (error.status, error.reason)
+
+
+@settings(max_examples=600)
+@given(FIELD_LINES)
+def test_fast_block_parse_agrees_with_the_strict_one(lines: list[bytes]) -> None:
+    """The one-regex parse accepts, refuses and returns exactly what the field-by-field one does."""
+    block = b"".join(line + b"\r\n" for line in lines)
+    if not block:
+        return
+    fast, strict = _outcome(_parse_block, block), _outcome(_parse_block_strictly, block)
+    if isinstance(fast, tuple) and len(fast) == 3:
+        fast = (fast[0], fast[1], set(fast[2]))
+    assert fast == strict
+
+
+@given(FIELD_LINES)
+def test_tokens_match_every_field_of_the_name(lines: list[bytes]) -> None:
+    """Head.tokens reads every field of a name, repeated or not."""
+    data = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    try:
+        head = parse_response_head(data)
+    except HTTPError:
+        return
+    for name in {name for name, _ in head.headers}:
+        expected = {part.strip().lower() for field, value in head.headers if field == name
+                    for part in value.split(b",") if part.strip()}
+        assert head.tokens(name) == expected

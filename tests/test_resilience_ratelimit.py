@@ -7,9 +7,10 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.task import Clock
 
+from appliance.host.metrics import lock_free
 from appliance.resilience import (
     Decision,
     MemoryLimiter,
@@ -18,6 +19,7 @@ from appliance.resilience import (
     parse_rate,
     rate_limit_headers,
 )
+from appliance.resilience._support import metric
 
 ALGORITHMS = ("token_bucket", "gcra")
 
@@ -220,3 +222,57 @@ def test_waiting_retry_after_admits(algorithm: str, limit: int, burst: int,
 def quota_window(limit: int, burst: int) -> float:
     """The refill time of a whole bucket, with float slack."""
     return burst / limit + 1e-6
+
+
+def _decisions(registry: CollectorRegistry) -> tuple[float | None, ...]:
+    """The allowed, denied and eviction counts of limiter C{api}."""
+    return tuple(registry.get_sample_value(name, labels) for name, labels in (
+        ("appliance_ratelimit_decisions_total", {"limiter": "api", "decision": "allowed"}),
+        ("appliance_ratelimit_decisions_total", {"limiter": "api", "decision": "denied"}),
+        ("appliance_ratelimit_evictions_total", {"limiter": "api"})))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(ALGORITHMS), st.integers(1, 5), st.integers(0, 3),
+       st.lists(st.tuples(st.floats(0, 3), st.sampled_from("abc")), max_size=40))
+def test_admit_agrees_with_try_acquire(algorithm: str, limit: int, extra: int,
+                                       steps: list[tuple[float, str]]) -> None:
+    """admit() is try_acquire() with a cost of 1: same refusals, state and metrics."""
+    clocks, registries = (Clock(), Clock()), (CollectorRegistry(), CollectorRegistry())
+    quota = Quota(algorithm, Rate(limit, 1.0), burst=limit + extra)  # type: ignore[arg-type]
+    fast, full = (MemoryLimiter("api", clock, quota, max_keys=2, registry=registry)
+                  for clock, registry in zip(clocks, registries, strict=True))
+    for advance, key in steps:
+        for clock in clocks:
+            clock.advance(advance)
+        decision = full.try_acquire(key)
+        assert fast.admit(key) == (None if decision.allowed else decision)
+        assert fast._states == full._states
+    assert _decisions(registries[0]) == _decisions(registries[1])
+
+
+def test_admit_refusal_is_the_decision_for_429() -> None:
+    """A refused admit() carries what the 429 headers need."""
+    limiter = MemoryLimiter("api", Clock(), Quota("token_bucket", Rate(1, 2.0)))
+    assert limiter.admit("k") is None
+    refused = limiter.admit("k")
+    assert refused is not None and not refused.allowed
+    assert refused.retry_after == pytest.approx(2.0)
+    assert rate_limit_headers(refused)["Retry-After"] == "2"
+
+
+def test_lock_free_counts_stay_in_the_shared_family() -> None:
+    """Lock-free children still export through the family others share, once each."""
+    registry = CollectorRegistry()
+    quota = Quota("token_bucket", Rate(1, 60.0))
+    first = MemoryLimiter("api", Clock(), quota, registry=registry)
+    second = MemoryLimiter("api", Clock(), quota, registry=registry)  # same series
+    assert first.admit("k") is None
+    assert second.admit("k") is None
+    assert first.admit("k") is not None
+    family = metric(Counter, registry, "appliance_ratelimit_decisions_total",
+                    "Rate limit decisions.", ("limiter", "decision"))
+    family.labels("api", "allowed").inc()  # as a Redis limiter of that name would
+    assert _decisions(registry)[:2] == (3.0, 1.0)
+    assert lock_free(family.labels("other", "allowed")) is lock_free(
+        family.labels("other", "allowed"))

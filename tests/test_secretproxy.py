@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +25,10 @@ from twisted.internet import ssl
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 
+from appliance.http.errors import HTTPError
+from appliance.secretproxy.config import Injection
+from appliance.secretproxy.pipeline import UpstreamRuntime
+from appliance.secretproxy.routes import render_injection
 from tests.canary import CANARY, check_text
 from tests.harness.certs import TestCA
 from tests.http_upstream import start_upstream
@@ -501,3 +506,31 @@ async def test_kubernetes_workload_identity(reactor: Any, tmp_path: Path) -> Non
     finally:
         await rig.close()
         await server.stop()
+
+
+def _runtime(kind: str) -> Any:
+    """An upstream runtime for api.test over https with C{kind} injection."""
+    injection = Injection(kind=kind, header=b"authorization", template="Bearer {secret}",
+                          basic_user="u", query_param="api key")
+    config = SimpleNamespace(authority=b"api.test", injection=injection, port=443,
+                             host="api.test", scheme="https")
+    return UpstreamRuntime(config=config, authenticator=None, resolver=None,  # type: ignore[arg-type]
+                           bulkhead=None, drop=frozenset(), client_tls=None)
+
+
+def test_injection_is_rendered_once_per_current_value() -> None:
+    """The current secret's rendering is reused; a rotation replaces it; CR/LF always refuse."""
+    upstream = _runtime("header")
+    first = upstream.injection("s1")
+    assert first == (None, b"authorization: Bearer s1")
+    assert upstream.injection("s1") is first
+    assert upstream.injection("s2") == (None, b"authorization: Bearer s2")
+    for _ in range(2):
+        with pytest.raises(HTTPError):
+            upstream.injection("bad\r\nX-Evil: 1")
+    assert upstream.injection("s2") == (None, b"authorization: Bearer s2")
+    query = _runtime("query")
+    assert query.injection("a&b") == (render_injection(query.config, "a&b"), None)
+    assert upstream.host_line == b"Host: api.test"
+    assert upstream.target("10.0.0.1") is upstream.target("10.0.0.1")
+    assert upstream.target("10.0.0.1").server_name == "api.test"

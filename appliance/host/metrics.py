@@ -108,6 +108,55 @@ class CallbackCollector(Collector):
         return self._produce()
 
 
+class PlainValue:
+    """
+    A counter child's value without a lock: bumped and read on the reactor
+    thread only, where C{prometheus_client} takes a lock per increment
+    (about 0.7 us, several times per request).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add C{amount}."""
+        self.value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        """Replace the value."""
+        self.value = value
+
+    def get(self) -> float:
+        """The value (what a scrape reads)."""
+        return self.value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        """Exemplars are not kept."""
+
+    def get_exemplar(self) -> None:
+        """No exemplar."""
+        return None
+
+
+def lock_free(child: Any) -> Any:
+    """
+    An object whose C{inc()} counts into the counter child C{child} (of a
+    family that other code may share, so the family stays as it is) without
+    taking the child's lock. Only for children bumped on the reactor thread;
+    if C{prometheus_client} keeps its value differently, C{child} itself.
+    """
+    current = getattr(child, "_value", None)
+    if isinstance(current, PlainValue):
+        return current  # another user of the same series made it lock-free already
+    if current is None or not hasattr(current, "get") or not hasattr(child, "_samples"):
+        return child
+    value = PlainValue(current.get())
+    child._value = value
+    return value
+
+
 def info_metric() -> GaugeMetricFamily:
     """C{appliance_info{version}} = 1."""
     family = GaugeMetricFamily("appliance_info", "Appliance version.", labels=["version"])

@@ -34,6 +34,10 @@ class NoBody(BodyDecoder):
         return b"", data
 
 
+NO_BODY = NoBody()
+"""The one L{NoBody} needed: it keeps no state."""
+
+
 class LengthDecoder(BodyDecoder):
     """A body of exactly C{length} bytes."""
 

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from appliance.http.body import LAST_CHUNK, BodyDecoder, chunk
 from appliance.http.errors import HTTPError, error_response, phrase
 from appliance.http.head import RequestHead, ResponseHead
-from appliance.http.headers import ENGINE_OWNED_RESPONSE, VIA, forwardable
+from appliance.http.headers import ENGINE_OWNED_RESPONSE, VIA, dropped_fields
 from appliance.http.upstream import UpstreamConnectError, UpstreamProtocol, UpstreamTarget
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ COMPRESSIBLE = (b"text/", b"application/json", b"application/javascript",
                 b"image/svg+xml")
 MIN_GZIP = 256
 _DONE = object()  # marks the end of a held response
+_VIA_LINE = b"Via: " + VIA
 
 
 @define(slots=True)
@@ -72,6 +73,7 @@ class Exchange:
     upstream_seconds: float = 0.0
     _out: list[bytes] = field(factory=list)
     _chunked_out: bool = False
+    _streaming: bool = False  # the upstream is registered as the client's producer
     _gzip: Any = None
     _keep_client: bool = True
     deadline: float = 0.0  # the earliest of the deadlines below (0: none)
@@ -145,13 +147,12 @@ class Exchange:
         assert plan is not None
         self.upstream = protocol
         head = self.head
-        lines = list(plan.head)
+        data = b"\r\n".join(plan.head)
         if head.content_length is not None:
-            lines.append(b"Content-Length: %d" % head.content_length)
+            data += b"\r\nContent-Length: %d" % head.content_length
         elif head.chunked:
-            lines.append(b"Transfer-Encoding: chunked")
-        lines.append(b"")
-        data = b"\r\n".join(lines) + b"\r\n"
+            data += b"\r\nTransfer-Encoding: chunked"
+        data += b"\r\n\r\n"
         if self.pending or not self.body.done:
             data += self._upstream_body(self._take_pending())
         protocol.send(self, data, head.method == b"HEAD")
@@ -186,11 +187,15 @@ class Exchange:
 
     def _stream_response_from(self, upstream: UpstreamProtocol) -> None:
         # The client's socket buffer paces the upstream's reads.
+        self._streaming = True
         transport = self.server.transport
         if getattr(transport, "producer", None) is None:
             transport.registerProducer(upstream.transport, True)
 
     def _stop_streaming(self) -> None:
+        if not self._streaming:
+            return
+        self._streaming = False
         transport = self.server.transport
         if transport is not None and getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()
@@ -230,11 +235,11 @@ class Exchange:
         self.upstream_seconds = self.server.clock.seconds() - self.upstream_started
         if plan.on_response_head is not None and not self.response_started:
             retry = plan.on_response_head(self, head)
-            if isinstance(retry, Deferred):
-                self._hold_response(head, retry)
-                return
             if retry is not None:
-                self._retry(retry)
+                if isinstance(retry, Deferred):
+                    self._hold_response(head, retry)
+                else:
+                    self._retry(retry)
                 return
         self._start_response(head)
 
@@ -242,8 +247,6 @@ class Exchange:
         self.status = head.status
         self.response_started = True
         self._out.append(self._client_head(head))
-        if self.upstream is not None:
-            self._stream_response_from(self.upstream)
 
     def _hold_response(self, head: ResponseHead, decision: Deferred[Any]) -> None:
         """Keep the response aside until the handler decides whether to retry."""
@@ -280,40 +283,40 @@ class Exchange:
 
     def _client_head(self, head: ResponseHead) -> bytes:
         request = self.head
-        fields = forwardable(head, ENGINE_OWNED_RESPONSE)
-        fields.append((b"Via", VIA))
-        no_body = request.method == b"HEAD" or head.status in (204, 304)
+        status = head.status
+        drop = dropped_fields(head, ENGINE_OWNED_RESPONSE)
+        lines = [b"HTTP/1.1 %d %s" % (status, head.reason or phrase(status))]
+        lines += [name + b": " + value for name, value in head.headers if name not in drop]
+        lines.append(_VIA_LINE)
+        no_body = request.method == b"HEAD" or status in (204, 304)
         keep = self.server.keep_alive_allowed(self)
         plan = self.plan
-        if (not no_body and plan is not None and plan.gzip and head.status == 200
+        if (not no_body and plan is not None and plan.gzip and status == 200
                 and self._accepts_gzip() and self._compressible(head)):
             self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31)
-            fields.append((b"Content-Encoding", b"gzip"))
-            fields.append((b"Vary", b"Accept-Encoding"))
+            lines.append(b"Content-Encoding: gzip")
+            lines.append(b"Vary: Accept-Encoding")
             length = None
         else:
             length = head.content_length
             if no_body and request.method == b"HEAD" and length is not None:
-                fields.append((b"Content-Length", b"%d" % length))
+                lines.append(b"Content-Length: %d" % length)
         if not no_body:
             if length is not None:
-                fields.append((b"Content-Length", b"%d" % length))
+                lines.append(b"Content-Length: %d" % length)
             elif request.version == b"HTTP/1.1":
-                fields.append((b"Transfer-Encoding", b"chunked"))
+                lines.append(b"Transfer-Encoding: chunked")
                 self._chunked_out = True
             else:
                 keep = False  # HTTP/1.0 without a length: the close ends the body
         if not keep:
-            fields.append((b"Connection", b"close"))
+            lines.append(b"Connection: close")
         self._keep_client = keep
-        lines = [b"HTTP/1.1 %d %s" % (head.status, head.reason or phrase(head.status))]
-        lines.extend(name + b": " + value for name, value in fields)
-        lines.append(b"")
-        lines.append(b"")
+        lines.append(b"\r\n")
         return b"\r\n".join(lines)
 
     def _accepts_gzip(self) -> bool:
-        accept = self.head.get(b"accept-encoding")
+        accept = self.head.fields.get(b"accept-encoding")
         if not accept or b"gzip" not in accept.lower():
             return False
         for item in accept.lower().split(b","):
@@ -353,7 +356,7 @@ class Exchange:
             self._out.append(chunk(tail) if self._chunked_out else tail)
         if self._chunked_out:
             self._out.append(LAST_CHUNK)
-        self.upstream_flush()
+        self._write_out()
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             if self.body.done:
@@ -363,7 +366,17 @@ class Exchange:
         self._finish(client_reusable=self._keep_client and self.body.done)
 
     def upstream_flush(self) -> None:
-        """Write what the last upstream read produced, in one write."""
+        """
+        Write what the last upstream read produced, in one write. A response
+        that goes on past this read streams with backpressure from here on;
+        one complete in a single read (most) skips registering a producer.
+        """
+        if self._out and not self._streaming and self.upstream is not None \
+                and not self.finished:
+            self._stream_response_from(self.upstream)
+        self._write_out()
+
+    def _write_out(self) -> None:
         out = self._out
         if out:
             self.server.write(out[0] if len(out) == 1 else b"".join(out))
@@ -414,8 +427,8 @@ class Exchange:
         self.server.abort()
 
     def _update_deadline(self) -> None:
-        found = [d for d in (self.total_deadline, self.response_deadline) if d]
-        self.deadline = min(found) if found else 0.0
+        total, response = self.total_deadline, self.response_deadline
+        self.deadline = min(total, response) if total and response else total or response
 
     def deadline_passed(self, now: float) -> None:
         """The server's sweep found a deadline passed."""

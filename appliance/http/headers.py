@@ -21,11 +21,19 @@ ENGINE_OWNED_RESPONSE = frozenset({b"content-length", b"via"})
 VIA = b"1.1 appliance"
 
 
+_WITH_HOP_BY_HOP: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+
 def dropped_fields(head: Head, extra: frozenset[bytes]) -> frozenset[bytes] | set[bytes]:
     """Names not to forward: hop-by-hop, those listed in Connection, and C{extra}."""
+    fixed = _WITH_HOP_BY_HOP.get(extra)
+    if fixed is None:  # a few fixed sets per service: remember their union
+        fixed = HOP_BY_HOP | extra
+        if len(_WITH_HOP_BY_HOP) < 64:
+            _WITH_HOP_BY_HOP[extra] = fixed
     if b"connection" not in head.fields:
-        return HOP_BY_HOP | extra
-    return HOP_BY_HOP | extra | head.tokens(b"connection")
+        return fixed
+    return fixed | head.tokens(b"connection")
 
 
 def forwardable(head: Head, extra: frozenset[bytes]) -> list[tuple[bytes, bytes]]:

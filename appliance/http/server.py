@@ -14,7 +14,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from appliance.http.body import BodyDecoder, ChunkedDecoder, LengthDecoder, NoBody
+from appliance.http.body import NO_BODY, BodyDecoder, ChunkedDecoder, LengthDecoder
 from appliance.http.errors import HTTPError, error_response
 from appliance.http.exchange import Exchange
 from appliance.http.fastwrite import write_now
@@ -50,6 +50,7 @@ class ProxyServerProtocol(Protocol):
 
     log = Logger()
     factory: ProxyServerFactory
+    clock: Any  # the clock deadlines run on (the factory's), set when connected
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -59,14 +60,10 @@ class ProxyServerProtocol(Protocol):
         self._draining = False
         self._paused = False
         self._closed = False
+        self._peer_host: bytes | None = None
         self.requests = 0
 
     # -- shared with the exchange ----------------------------------------------
-
-    @property
-    def clock(self) -> Any:
-        """The clock deadlines run on."""
-        return self.factory.clock
 
     @property
     def pool(self) -> UpstreamPool:
@@ -77,6 +74,15 @@ class ProxyServerProtocol(Protocol):
     def max_body(self) -> int:
         """The request body limit in bytes."""
         return self.factory.limits.max_body
+
+    @property
+    def peer_host(self) -> bytes:
+        """The client's address as X-Forwarded-For sends it (looked up once)."""
+        host = self._peer_host
+        if host is None:
+            peer = self.transport.getPeer()
+            host = self._peer_host = str(getattr(peer, "host", "")).encode("ascii")
+        return host
 
     def write(self, data: bytes) -> None:
         """Write to the client."""
@@ -94,6 +100,7 @@ class ProxyServerProtocol(Protocol):
     # -- connection --------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.clock = self.factory.clock
         _no_delay(self.transport)
         self.factory.tracker.add(self)
         self._arm(self.factory.limits.header_timeout, 408)
@@ -162,13 +169,13 @@ class ProxyServerProtocol(Protocol):
             body = _body_decoder(head)
             if head.content_length is not None and head.content_length > limits.max_body:
                 raise HTTPError(413, "request body too large")
-            expect = head.get(b"expect")
+            expect = head.fields.get(b"expect")
             if expect is not None and expect.lower() != b"100-continue":
                 raise HTTPError(417, "unsupported expectation")
         except HTTPError as error:
             self._reject(error.status, error.reason)
             return
-        self._disarm()
+        self.deadline = 0.0  # _disarm()
         self.requests += 1
         exchange = Exchange(self, head, body, self.clock.seconds())
         self._exchange = exchange
@@ -328,4 +335,4 @@ def _body_decoder(head: Any) -> BodyDecoder:
         return ChunkedDecoder()
     if head.content_length:
         return LengthDecoder(head.content_length)
-    return NoBody()
+    return NO_BODY

@@ -24,10 +24,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.http.body import (
+    NO_BODY,
     BodyDecoder,
     ChunkedDecoder,
     LengthDecoder,
-    NoBody,
     UntilCloseDecoder,
 )
 from appliance.http.errors import HTTPError
@@ -37,7 +37,7 @@ from appliance.http.head import ResponseHead, find_head_end, parse_response_head
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
-@frozen
+@frozen(cache_hash=True)  # the pool's key, hashed on every checkout and checkin
 class UpstreamTarget:
     """Where to connect: a vetted address, a port, and the TLS name (None: plain)."""
 
@@ -193,7 +193,7 @@ class UpstreamProtocol(Protocol):
 
     def _decoder_for(self, head: ResponseHead) -> BodyDecoder:
         if self._method_head or head.status in (204, 304):
-            return NoBody()
+            return NO_BODY
         if head.chunked:
             return ChunkedDecoder(error_status=502)
         if head.content_length is not None:

@@ -78,7 +78,9 @@ class Policy:
         """
         started = self._timer()
         if self.mode == "rules":
-            return self._record(self.rules.evaluate(input), started)  # type: ignore[union-attr]
+            decision = self.rules.evaluate(input)  # type: ignore[union-attr]
+            self._stats.record(decision, self._timer() - started)
+            return decision
         if self.mode == "both":
             decision = self.rules.evaluate(input)  # type: ignore[union-attr]
             if not decision.allowed:

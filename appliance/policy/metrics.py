@@ -61,7 +61,9 @@ class ServiceStats:
         """Count C{decision}, made in C{seconds}."""
         source = decision.source
         self.counts[source][decision.allowed] += 1
-        self.timings[source].observe(seconds)
+        timings = self.timings[source]  # Timings.observe(), inlined: once per request
+        timings.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        timings.sum += seconds
 
 
 class DecisionCollector:

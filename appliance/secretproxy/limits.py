@@ -39,6 +39,16 @@ class Limits:
                                    upstream.rate_limit, 1)
             for upstream in config.upstreams}
 
+        # The checks before authentication, per upstream, built once.
+        self._before = {name: self._pre_auth(name) for name in self.upstream_limiters}
+        self._anywhere = self._pre_auth(None)
+
+    def _pre_auth(self, upstream: str | None) -> tuple[tuple[str, Any, str], ...]:
+        checks = [("global", self.global_limiter, "all")]
+        if upstream is not None:
+            checks.append(("upstream", self.upstream_limiters[upstream], upstream))
+        return tuple(check for check in checks if check[1] is not None)
+
     def check(self, upstream: str, identity: str | None
               ) -> tuple[str, Decision] | None | Deferred[tuple[str, Decision] | None]:
         """
@@ -46,21 +56,24 @@ class Limits:
         upstream limits; after it: the identity limit. Returns the first
         exceeded (scope, decision), None, or a Deferred of either.
         """
+        if self.shared:
+            checks = self._checks(upstream, identity)
+            return self._check_shared(checks) if checks else None
+        if identity is not None:
+            limiter = self.identity_limiter
+            refused = None if limiter is None else limiter.admit(identity)
+            return None if refused is None else ("identity", refused)
+        for scope, limiter, key in self._before.get(upstream, self._anywhere):
+            refused = limiter.admit(key)
+            if refused is not None:
+                return scope, refused
+        return None
+
+    def _checks(self, upstream: str, identity: str | None) -> list[Any]:
         if identity is None:
-            checks = [("global", self.global_limiter, "all"),
-                      ("upstream", self.upstream_limiters.get(upstream), upstream)]
-        else:
-            checks = [("identity", self.identity_limiter, identity)]
-        checks = [check for check in checks if check[1] is not None]
-        if not checks:
-            return None
-        if not self.shared:
-            for scope, limiter, key in checks:
-                decision = limiter.try_acquire(key)
-                if not decision.allowed:
-                    return scope, decision
-            return None
-        return self._check_shared(checks)
+            return list(self._before.get(upstream, self._anywhere))
+        limiter = self.identity_limiter
+        return [] if limiter is None else [("identity", limiter, identity)]
 
     def _check_shared(self, checks: list[Any]) -> Deferred[tuple[str, Decision] | None]:
         if not checks:

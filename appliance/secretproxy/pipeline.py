@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,7 +24,7 @@ from appliance.host.audit import encode_fields
 from appliance.host.tls import peer_identity
 from appliance.http.errors import HTTPError
 from appliance.http.exchange import IDEMPOTENT, Exchange, UpstreamPlan
-from appliance.http.headers import VIA, forwardable
+from appliance.http.headers import VIA, dropped_fields
 from appliance.http.normalize import normalize_target
 from appliance.http.upstream import UpstreamTarget
 from appliance.policy import PolicyDecision, PolicyInput
@@ -42,11 +42,16 @@ ALWAYS_DROPPED = frozenset({b"authorization", b"proxy-authorization", b"cookie",
                             b"x-session-secret", b"x-upstream-host", b"forwarded"})
 UNAUTHORIZED = [(b"WWW-Authenticate", b'Bearer realm="secretproxy"')]
 _DURATION_MARK = 987654.125  # a placeholder no real duration prints as
+MAX_TARGETS = 64  # connection targets kept per upstream
+_VIA_LINE = b"Via: " + VIA
 
 
 @define(slots=True, eq=False)
 class UpstreamRuntime:
-    """What the pipeline holds per upstream: config and its live helpers."""
+    """
+    What the pipeline holds per upstream: config and its live helpers, and
+    the parts of the upstream request head that do not change per request.
+    """
 
     config: UpstreamConfig
     authenticator: Any
@@ -54,6 +59,52 @@ class UpstreamRuntime:
     bulkhead: Any
     drop: frozenset[bytes]
     client_tls: Any
+    host_line: bytes = field(init=False)
+    _injection: tuple[str, tuple[bytes | None, bytes | None]] | None = field(init=False,
+                                                                             default=None)
+    _targets: dict[str, UpstreamTarget] = field(init=False, factory=dict)
+    _address: tuple[Any, str] = field(init=False, default=(None, ""))
+
+    def __attrs_post_init__(self) -> None:
+        self.host_line = b"Host: " + self.config.authority
+
+    def injection(self, secret: str) -> tuple[bytes | None, bytes | None]:
+        """
+        L{render_injection} of C{secret} as (the query's C{name=value}, None)
+        or (None, the header line). The current value's rendering is kept
+        (only that one: a rotated-out secret is not held on to); a refused
+        value raises every time.
+        """
+        cached = self._injection
+        if cached is not None and cached[0] == secret:
+            return cached[1]
+        rendered = render_injection(self.config, secret)
+        if type(rendered) is tuple:
+            found: tuple[bytes | None, bytes | None] = (None, rendered[0] + b": " + rendered[1])
+        else:
+            found = (rendered, None)  # type: ignore[assignment]
+        self._injection = (secret, found)
+        return found
+
+    def target(self, address: str) -> UpstreamTarget:
+        """The (interned) connection target for one vetted address."""
+        found = self._targets.get(address)
+        if found is None:
+            config = self.config
+            found = UpstreamTarget(address, config.port,
+                                   config.host if config.scheme == "https" else None)
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.clear()
+            self._targets[address] = found
+        return found
+
+    def address_text(self, address: Any) -> str:
+        """C{str(address)}, remembered for the last address seen (str() is slow)."""
+        last, text = self._address
+        if address is not last:
+            text = str(address)
+            self._address = (address, text)  # holding it: its id cannot be reused
+        return text
 
 
 @define(slots=True, eq=False)
@@ -90,6 +141,7 @@ class Pipeline:
         self.route_header = config.route_header
         self.session_header = config.auth.session_header
         self._audit_parts: dict[Any, tuple[bytes, bytes]] = {}
+        self._proto_line = b"X-Forwarded-Proto: " + (b"https" if config.tls else b"http")
 
     # -- stage 1: route and normalise ------------------------------------------------
 
@@ -134,11 +186,13 @@ class Pipeline:
     def _limit(self, exchange: Exchange, state: RequestState, identity: str | None,
                then: Any) -> None:
         result = self.limits.check(state.upstream.config.name, identity)
-        if isinstance(result, Deferred):
+        if result is None:  # admitted at once: the exchange is still ours
+            then(exchange, state)
+        elif type(result) is tuple or not isinstance(result, Deferred):  # an ABC: slow
+            self._limited(result, exchange, state, then)
+        else:
             result.addCallback(self._limited, exchange, state, then)
             result.addErrback(self._failed, exchange, "rate limit")
-            return
-        self._limited(result, exchange, state, then)
 
     def _limited(self, result: Any, exchange: Exchange, state: RequestState,
                  then: Any) -> None:
@@ -244,8 +298,8 @@ class Pipeline:
             if len(self._audit_parts) >= 10_000:
                 self._audit_parts.clear()
             self._audit_parts[key] = parts
-        fields = parts[0] + b"%.6f" % duration + parts[1]
-        self.audit.write_encoded(fields).addErrback(self._audit_failed)
+        self.audit.record_encoded(b"%s%.6f%s" % (parts[0], duration, parts[1]),
+                                  self._audit_failed)
 
     # -- stage 5: the secret --------------------------------------------------------
 
@@ -300,7 +354,7 @@ class Pipeline:
                         state: RequestState) -> None:
         if exchange.finished:
             return
-        exchange.attributes["address"] = str(addresses[0])
+        exchange.attributes["address"] = state.upstream.address_text(addresses[0])
         permit = state.upstream.bulkhead.try_acquire()
         if permit is not None:
             self._forward(permit, exchange, state)
@@ -335,30 +389,25 @@ class Pipeline:
         upstream = state.upstream
         config = upstream.config
         head = exchange.head
-        injected = render_injection(config, state.secret_value)
+        query, header_line = upstream.injection(state.secret_value)
         target = state.target
-        lines = []
-        if isinstance(injected, bytes):  # query injection
-            target += (b"&" if b"?" in target else b"?") + injected
-        lines.append(head.method + b" " + target + b" HTTP/1.1")
-        lines.append(b"Host: " + config.authority)
-        if isinstance(injected, tuple):
-            lines.append(injected[0] + b": " + injected[1])
-        for name, value in forwardable(head, upstream.drop):
-            lines.append(name + b": " + value)
-        peer = exchange.server.transport.getPeer()
-        lines.append(b"X-Forwarded-For: " + str(getattr(peer, "host", "")).encode("ascii"))
-        lines.append(b"X-Forwarded-Proto: " + (b"https" if self.config.tls else b"http"))
-        host_header = head.get(b"host")
+        if query is not None:
+            target += (b"&" if b"?" in target else b"?") + query
+        lines = [head.method + b" " + target + b" HTTP/1.1", upstream.host_line]
+        if header_line is not None:
+            lines.append(header_line)
+        drop = dropped_fields(head, upstream.drop)
+        lines += [name + b": " + value for name, value in head.headers if name not in drop]
+        lines.append(b"X-Forwarded-For: " + exchange.server.peer_host)
+        lines.append(self._proto_line)
+        host_header = head.fields.get(b"host")
         if host_header is not None:
             lines.append(b"X-Forwarded-Host: " + host_header)
-        lines.append(b"Via: " + VIA)
-        address = exchange.attributes["address"]
+        lines.append(_VIA_LINE)
         retry_ok = head.method in IDEMPOTENT and head.content_length in (None, 0) \
             and not head.chunked
         return UpstreamPlan(
-            target=UpstreamTarget(address, config.port,
-                                  config.host if config.scheme == "https" else None),
+            target=upstream.target(exchange.attributes["address"]),
             head=lines,
             response_timeout=config.response_timeout,
             total_timeout=config.total_timeout,

@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from appliance.host.metrics import lock_free
 from appliance.resilience._support import metric
 
 
@@ -24,7 +25,7 @@ class SecretMetrics:
         results = metric(Counter, registry, "appliance_secretproxy_secret_cache_total",
                          "Secret lookups: fresh hit, miss, or stale (fallback) value.",
                          ("store", "result"))
-        self.hit = results.labels(store, "hit")
+        self.hit = lock_free(results.labels(store, "hit"))  # every proxied request
         self.miss = results.labels(store, "miss")
         self.stale = results.labels(store, "stale")
         self.fallbacks = metric(
