@@ -100,9 +100,12 @@ class PowEngine:
     def challenge(self, address: str) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """A signed challenge for C{address}, unless it is rate limited."""
         group = self.controller.group(address)
-        try_acquire = getattr(self.limiter, "try_acquire", None)
-        if try_acquire is not None:  # in memory: answer without a Deferred
-            return self._admitted(try_acquire(group), address)
+        admit = getattr(self.limiter, "admit", None)
+        if admit is not None:  # in memory: answer without a Deferred or a Decision
+            refused = admit(group)
+            if refused is not None:
+                self._admitted(refused, address)
+            return self.issue(address)
         return self.limiter.acquire(group).addCallback(self._admitted, address)
 
     def _admitted(self, decision: Any, address: str) -> dict[str, Any]:

@@ -163,8 +163,7 @@ class MemoryLimiter:
         and metrics) without building a L{Decision} for an admitted request.
         """
         if self._step is not token_bucket:
-            decision = self.try_acquire(key)
-            return None if decision.allowed else decision
+            return self._admit_gcra(key)
         now = self._clock.seconds()
         state = self._states.get(key)
         # The arithmetic of token_bucket() for an admitted unit, inlined, with
@@ -191,6 +190,23 @@ class MemoryLimiter:
         if len(states) > self.max_keys:
             states.popitem(last=False)
             self._evictions.inc()
+        self._allowed.inc()
+        return None
+
+    def _admit_gcra(self, key: str) -> Decision | None:
+        """L{admit} for GCRA: the arithmetic of L{gcra} for one unit, inlined."""
+        now = self._clock.seconds()
+        tat = self._states.get(key)
+        if tat is None or tat < now:
+            tat = now
+        interval = self._interval
+        new_tat = tat + interval
+        if new_tat - self._burst * interval - now > EPSILON * interval:
+            decision, kept = gcra(self.quota, self._states.get(key), now, 1)
+            self._keep(key, kept)
+            self._denied.inc()
+            return decision
+        self._keep(key, new_tat)
         self._allowed.inc()
         return None
 
