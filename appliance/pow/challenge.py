@@ -15,9 +15,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-from attrs import frozen
+from typing import Any, NamedTuple
 
 from appliance.pow.frames import ErrorCode, ProtocolError
 
@@ -34,10 +32,11 @@ _TEXTS = ("alg", "salt", "address", "kid")
 SALT_BYTES = 16
 
 
-@frozen
-class Challenge:
+class Challenge(NamedTuple):
     """
-    One challenge. Times are integers in milliseconds since the epoch.
+    One challenge. Times are integers in milliseconds since the epoch. A
+    tuple: two are built per session, and a tuple is the cheapest immutable
+    record to build.
     """
 
     difficulty: int

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from enum import IntEnum
-from typing import Any
-
-from attrs import frozen
+from typing import Any, NamedTuple
 
 VERSION = 1
 HEADER = struct.Struct(">BBI")
@@ -58,9 +56,8 @@ class ProtocolError(Exception):
         self.message = message
 
 
-@frozen
-class Frame:
-    """One decoded message."""
+class Frame(NamedTuple):
+    """One decoded message (a tuple: the cheapest immutable record to build)."""
 
     type: MessageType
     payload: dict[str, Any]

@@ -35,6 +35,8 @@ from appliance.pow.frames import (
 from appliance.pow.quotes import Quote
 
 _QUOTE_FRAMES_MAX = 4096
+_CHALLENGE_REQUEST = MessageType.CHALLENGE_REQUEST
+_SOLUTION = MessageType.SOLUTION
 
 
 class PowProtocol(Protocol):
@@ -106,9 +108,10 @@ class PowProtocol(Protocol):
     def _pump(self) -> None:
         while self._queue and not self._busy and not self._closing:
             frame = self._queue.popleft()
-            if frame.type == MessageType.CHALLENGE_REQUEST:
+            kind = frame.type
+            if kind is _CHALLENGE_REQUEST:
                 self._start(self.engine.challenge, self._send_challenge)
-            elif frame.type == MessageType.SOLUTION:
+            elif kind is _SOLUTION:
                 self._start(self.engine.redeem, self._send_quote, frame.payload)
             else:
                 self._fail(ErrorCode.BAD_FRAME,
@@ -125,11 +128,14 @@ class PowProtocol(Protocol):
         except Exception:
             self._bug(Failure())
             return
-        if isinstance(result, Deferred):
+        # Deferred's metaclass is ABCMeta, whose isinstance() is slow: test
+        # the two synchronous answers (a payload, a quote) first.
+        kind = type(result)
+        if kind is dict or kind is Quote or not isinstance(result, Deferred):
+            answer(result)
+        else:
             result.addCallbacks(answer, self._refused)
             result.addErrback(self._bug)
-        else:
-            answer(result)
 
     # -- answers -----------------------------------------------------------
 
