@@ -24,8 +24,6 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from appliance.host.audit import (
-    _OPAQUE_RUN,
-    MASK,
     AuditClosed,
     AuditConfig,
     AuditEventError,
@@ -36,6 +34,7 @@ from appliance.host.audit import (
     credential_key,
     encode_fields,
 )
+from appliance.host.audit_events import _OPAQUE_RUN
 from appliance.host.audit_verify import (
     GENESIS,
     RECOVERED_EVENT,
@@ -44,7 +43,7 @@ from appliance.host.audit_verify import (
     rfc3339,
     verify,
 )
-from appliance.host.redact import redact, remember_secret
+from appliance.host.redact import MASK, redact, remember_secret
 
 
 def lines_of(path: Path) -> list[bytes]:
