@@ -68,6 +68,10 @@ def close_now(transport: Any) -> None:
         # Like abortConnection: an event for this socket may still be queued
         # in the reactor's current epoll batch.
         transport.doRead = transport.doWrite = _ignore
+        # close() alone sends the FIN: the descriptor is close-on-exec and the
+        # appliance never forks, so no other process holds the socket and the
+        # shutdown() Twisted adds "to be safe" is one system call too many.
+        transport._shouldShutdown = False
         transport.connectionLost(_CLOSED)
         return
     transport.loseConnection()

@@ -125,9 +125,8 @@ class ChallengeSigner:
     def issue(self, address: str, difficulty: int, now_ms: int, lifetime_ms: int,
               puzzles: int = 1) -> tuple[Challenge, str]:
         """A new challenge bound to C{address} and its hex signature."""
-        challenge = Challenge(
-            difficulty=difficulty, issued_at=now_ms, expires_at=now_ms + lifetime_ms,
-            salt=self._salts.next_hex(), address=address, kid=self.current, puzzles=puzzles)
+        challenge = Challenge(difficulty, now_ms, now_ms + lifetime_ms, self._salts.next_hex(),
+                              address, self.current, puzzles)
         return challenge, self.sign(challenge)
 
     def sign(self, challenge: Challenge, canonical: bytes | None = None) -> str:

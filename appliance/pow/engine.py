@@ -21,6 +21,7 @@ from appliance.pow.frames import ErrorCode, ProtocolError
 from appliance.pow.quotes import Quote, QuoteSource
 from appliance.pow.replay import MemoryReplaySet, ReplaySetFull
 
+_SOLUTION_FIELDS = frozenset({"challenge", "signature", "nonces"})
 VERIFY_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
                   0.0025, 0.01)
 
@@ -147,7 +148,7 @@ class PowEngine:
 
     def verify(self, address: str, payload: dict[str, Any]) -> Challenge:
         """Signature, binding, expiry and work, in that order (cheapest first after the MAC)."""
-        if set(payload) != {"challenge", "signature", "nonces"}:
+        if payload.keys() != _SOLUTION_FIELDS:
             raise ProtocolError(ErrorCode.BAD_FRAME,
                                 "a solution has exactly challenge, signature and nonces")
         challenge = Challenge.from_json(payload["challenge"])

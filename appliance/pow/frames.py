@@ -140,6 +140,8 @@ _DECODER = json.JSONDecoder()
 
 
 def _decode_payload(body: bytes) -> dict[str, Any]:
+    if body == b"{}":  # every CHALLENGE_REQUEST
+        return {}
     try:
         payload = _DECODER.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):

@@ -44,6 +44,7 @@ class PowProtocol(Protocol):
 
     log = Logger()
     factory: PowFactory
+    engine: PowEngine  # the factory's, set when connected
 
     def __init__(self) -> None:
         self._queue: deque[Frame] = deque()
@@ -57,14 +58,10 @@ class PowProtocol(Protocol):
         self._phase_why = ""
         self._frame_timer: IDelayedCall | None = None
 
-    @property
-    def engine(self) -> PowEngine:
-        """The shared engine."""
-        return self.factory.engine
-
     # -- connection --------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.engine = self.factory.engine
         self.address = str(getattr(self.transport.getPeer(), "host", "?"))
         self._group = self.engine.admit(self.address)
         if self._group is None:
