@@ -28,7 +28,7 @@ MAX_QUOTE = 2000
 MAX_API_BODY = 256 * 1024
 
 
-@frozen
+@frozen(cache_hash=True)  # the key of the server's encoded-frame cache
 class Quote:
     """One quote and its author."""
 
