@@ -107,17 +107,17 @@ class PowProtocol(Protocol):
             frame = self._queue.popleft()
             kind = frame.type
             if kind is _CHALLENGE_REQUEST:
-                self._start(self.engine.challenge, self._send_challenge)
+                self._start(self.engine.challenge, self._send_challenge, None)
             elif kind is _SOLUTION:
                 self._start(self.engine.redeem, self._send_quote, frame.payload)
             else:
                 self._fail(ErrorCode.BAD_FRAME,
                            f"a client does not send {frame.type.name} messages")
 
-    def _start(self, work: Any, answer: Any, *args: Any) -> None:
+    def _start(self, work: Any, answer: Any, payload: dict[str, Any] | None) -> None:
         self._busy = True
         try:
-            result = work(self.address, *args)
+            result = work(self.address) if payload is None else work(self.address, payload)
         except ProtocolError as error:
             self._busy = False
             self._fail(error.code, error.message)
