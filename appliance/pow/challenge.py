@@ -51,9 +51,9 @@ class Challenge(NamedTuple):
 
     def canonical(self) -> bytes:
         """The bytes the signature and the work are computed over."""
-        return ("%s|%s|%d|%d|%d|%s|%s|%s|%d" % (
-            PROTOCOL, self.alg, self.difficulty, self.issued_at, self.expires_at, self.salt,
-            self.address, self.kid, self.puzzles)).encode("ascii")
+        return (f"{PROTOCOL}|{self.alg}|{self.difficulty}|{self.issued_at}|"
+                f"{self.expires_at}|{self.salt}|{self.address}|{self.kid}|"
+                f"{self.puzzles}").encode("ascii")
 
     def to_json(self) -> dict[str, Any]:
         """The fields as a JSON object."""
