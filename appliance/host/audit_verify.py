@@ -55,8 +55,10 @@ def build_line(seq: int, when: str, prev: str, fields: bytes) -> bytes:
     One line without its newline: the chain envelope, then the event's
     serialised fields (L{appliance.host.audit.encode_fields}).
     """
-    head = b'{"seq":%d,"time":"%s","prev":"%s"' % (seq, when.encode(), prev.encode())
-    return head + (b"," + fields if fields else b"") + b"}"
+    if fields:
+        return b'{"seq":%d,"time":"%s","prev":"%s",%s}' % (
+            seq, when.encode(), prev.encode(), fields)
+    return b'{"seq":%d,"time":"%s","prev":"%s"}' % (seq, when.encode(), prev.encode())
 
 
 class RecordError(ValueError):

@@ -154,9 +154,9 @@ def target(difficulty: int) -> bytes:
     return (1 << (256 - difficulty)).to_bytes(33, "big")[1:]
 
 
-def puzzle_prefix(challenge: Challenge, index: int) -> bytes:
-    """What sub-puzzle C{index} hashes before its nonce."""
-    return challenge.canonical() + bytes((index,))
+def puzzle_prefix(challenge: Challenge, index: int, canonical: bytes | None = None) -> bytes:
+    """What sub-puzzle C{index} hashes before its nonce (C{canonical}: if known)."""
+    return (challenge.canonical() if canonical is None else canonical) + bytes((index,))
 
 
 def work_is_done(challenge: Challenge, nonces: Sequence[Any],
@@ -171,7 +171,7 @@ def work_is_done(challenge: Challenge, nonces: Sequence[Any],
     for index, nonce in enumerate(nonces):
         if type(nonce) is not int or not 0 <= nonce < NONCE_LIMIT:
             return False
-        digest = hashlib.sha256(canonical + bytes((index,))
+        digest = hashlib.sha256(puzzle_prefix(challenge, index, canonical)
                                 + nonce.to_bytes(8, "big")).digest()
         if digest >= goal:
             return False

@@ -104,9 +104,7 @@ class PowEngine:
         admit = getattr(self.limiter, "admit", None)
         if admit is not None:  # in memory: answer without a Deferred or a Decision
             refused = admit(group)
-            if refused is not None:
-                self._admitted(refused, address)
-            return self.issue(address)
+            return self.issue(address) if refused is None else self._admitted(refused, address)
         return self.limiter.acquire(group).addCallback(self._admitted, address)
 
     def _admitted(self, decision: Any, address: str) -> dict[str, Any]:

@@ -183,26 +183,20 @@ class MemoryLimiter:
             self._keep(key, refused)
             self._denied.inc()
             return decision
-        states = self._states  # _keep(), inlined: this runs three times a request
         tokens -= 1
-        states[key] = (tokens if tokens > 0.0 else 0.0, updated)
-        states.move_to_end(key)
-        if len(states) > self.max_keys:
-            states.popitem(last=False)
-            self._evictions.inc()
+        self._keep(key, (tokens if tokens > 0.0 else 0.0, updated))
         self._allowed.inc()
         return None
 
     def _admit_gcra(self, key: str) -> Decision | None:
         """L{admit} for GCRA: the arithmetic of L{gcra} for one unit, inlined."""
         now = self._clock.seconds()
-        tat = self._states.get(key)
-        if tat is None or tat < now:
-            tat = now
+        stored = self._states.get(key)
+        tat = now if stored is None or stored < now else stored
         interval = self._interval
         new_tat = tat + interval
         if new_tat - self._burst * interval - now > EPSILON * interval:
-            decision, kept = gcra(self.quota, self._states.get(key), now, 1)
+            decision, kept = gcra(self.quota, stored, now, 1)
             self._keep(key, kept)
             self._denied.inc()
             return decision

@@ -56,26 +56,25 @@ class Limits:
         upstream limits; after it: the identity limit. Returns the first
         exceeded (scope, decision), None, or a Deferred of either.
         """
+        checks = self._checks(upstream, identity)
+        if not checks:
+            return None
         if self.shared:
-            checks = self._checks(upstream, identity)
-            return self._check_shared(checks) if checks else None
-        if identity is not None:
-            limiter = self.identity_limiter
-            refused = None if limiter is None else limiter.admit(identity)
-            return None if refused is None else ("identity", refused)
-        for scope, limiter, key in self._before.get(upstream, self._anywhere):
+            return self._check_shared(checks)
+        for scope, limiter, key in checks:
             refused = limiter.admit(key)
             if refused is not None:
                 return scope, refused
         return None
 
-    def _checks(self, upstream: str, identity: str | None) -> list[Any]:
+    def _checks(self, upstream: str, identity: str | None) -> tuple[tuple[str, Any, str], ...]:
         if identity is None:
-            return list(self._before.get(upstream, self._anywhere))
+            return self._before.get(upstream, self._anywhere)
         limiter = self.identity_limiter
-        return [] if limiter is None else [("identity", limiter, identity)]
+        return () if limiter is None else (("identity", limiter, identity),)
 
-    def _check_shared(self, checks: list[Any]) -> Deferred[tuple[str, Decision] | None]:
+    def _check_shared(self, checks: tuple[tuple[str, Any, str], ...]
+                      ) -> Deferred[tuple[str, Decision] | None]:
         if not checks:
             return succeed(None)
         scope, limiter, key = checks[0]
