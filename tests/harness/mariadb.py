@@ -18,7 +18,6 @@ import pwd
 import secrets
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,8 @@ class MariaDBServer(ServerProcess):
     option), ``socket`` (unix socket path), ``base_dir``, ``datadir``,
     ``log_path``. Use it as a context manager or call :meth:`close`.
     """
+
+    name = "mariadbd"
 
     def __init__(self, *, options: Sequence[str] = ()) -> None:
         """Install the system tables and start the server; ``options`` go to ``mariadbd``."""
@@ -190,35 +191,13 @@ class MariaDBServer(ServerProcess):
                 if attempt == 2 or "already in use" not in str(error):
                     raise
 
-    def _wait_ready(self) -> None:
-        """Wait until ``appliance`` can log in; raise with the log tail if the server dies."""
-        assert self._process is not None
-        deadline = time.monotonic() + SERVER_WAIT
-        while True:
-            try:
-                self.connect(connect_timeout=2).close()
-                return
-            except pymysql.err.OperationalError as error:
-                last_error = error
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(
-                    f"mariadbd not ready after {SERVER_WAIT} s: {last_error}\n{self._log_tail()}"
-                )
-            try:
-                code = self._process.wait(timeout=0.05)  # doubles as the poll interval
-            except subprocess.TimeoutExpired:
-                continue
-            self._process = None
-            raise RuntimeError(f"mariadbd exited with {code} during start\n{self._log_tail()}")
-
-    def _log_tail(self, lines: int = 30) -> str:
-        """The last lines of the server log."""
+    def _probe(self) -> str | None:
+        """Ready when ``appliance`` can log in."""
         try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server log)"
-        return f"--- {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
+            self.connect(connect_timeout=2).close()
+        except pymysql.err.OperationalError as error:
+            return str(error)
+        return None
 
     def _chown(self, path: Path) -> None:
         """Give ``path`` to the server user when running as root."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -18,12 +19,15 @@ class ServerProcess:
     """
     A server run from an installed binary in its own temporary folder.
 
-    Subclasses set C{base_dir} and C{log_path}, start the server with
-    L{_spawn} and wait for it to be ready themselves.
+    Subclasses set C{base_dir}, C{log_path} and C{name}, start the server
+    with L{_spawn}, and say in L{_probe} whether it is ready; L{_wait_ready}
+    polls that.
     """
 
     base_dir: Path
     log_path: Path
+    name: str
+    poll_interval = 0.05
     _process: subprocess.Popen[bytes] | None = None
     _closed = False
 
@@ -38,6 +42,37 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in pytest must not reach the server
             )
+
+    def _probe(self) -> str | None:
+        """None when the server is ready, else what was seen instead."""
+        raise NotImplementedError
+
+    def _wait_ready(self) -> None:
+        """Poll L{_probe}; raise with the log tail if the server dies or takes too long."""
+        assert self._process is not None
+        deadline = time.monotonic() + SERVER_WAIT
+        while True:
+            seen = self._probe()
+            if seen is None:
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(
+                    f"{self.name} not ready after {SERVER_WAIT} s: {seen}\n{self._log_tail()}")
+            try:
+                code = self._process.wait(timeout=self.poll_interval)  # doubles as the wait
+            except subprocess.TimeoutExpired:
+                continue
+            self._process = None
+            raise RuntimeError(f"{self.name} exited with {code} during start\n{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no server log)"
+        return f"--- {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
         """Stop the server with SIGTERM and wait for it (SIGKILL if it hangs)."""

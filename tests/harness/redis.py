@@ -14,11 +14,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from tests.harness.ports import LOOPBACK, free_port
-from tests.harness.process import SERVER_WAIT, ServerProcess
+from tests.harness.process import ServerProcess
 
 #: Seconds to wait for the server to answer PING, and to exit on SIGTERM.
 
@@ -65,6 +64,9 @@ class RedisServer(ServerProcess):
     no ``requirepass``), ``base_dir``, ``log_path``. Use it as a context
     manager or call :meth:`close`.
     """
+
+    name = "redis-server"
+    poll_interval = 0.02
 
     def __init__(self, password: str | None = None) -> None:
         """Start the server; with ``password`` clients must ``AUTH`` first."""
@@ -137,35 +139,10 @@ class RedisServer(ServerProcess):
                 if attempt == 2 or "already in use" not in str(error):
                     raise
 
-    def _wait_ready(self) -> None:
-        """Wait until PING answers +PONG; raise with the log tail if the server dies."""
-        assert self._process is not None
-        deadline = time.monotonic() + SERVER_WAIT
-        last_reply: object = None
-        while True:
-            try:
-                last_reply = self.ping(timeout=1.0)
-                if last_reply == b"+PONG":
-                    return
-            except OSError as error:
-                last_reply = error
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(
-                    f"redis-server not ready after {SERVER_WAIT} s: {last_reply!r}\n"
-                    f"{self._log_tail()}"
-                )
-            try:
-                code = self._process.wait(timeout=0.02)  # doubles as the poll interval
-            except subprocess.TimeoutExpired:
-                continue
-            self._process = None
-            raise RuntimeError(f"redis-server exited with {code} during start\n{self._log_tail()}")
-
-    def _log_tail(self, lines: int = 30) -> str:
-        """The last lines of the server log."""
+    def _probe(self) -> str | None:
+        """Ready when PING answers +PONG."""
         try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server log)"
-        return f"--- {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
+            reply: object = self.ping(timeout=1.0)
+        except OSError as error:
+            reply = error
+        return None if reply == b"+PONG" else repr(reply)
