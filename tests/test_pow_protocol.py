@@ -62,6 +62,7 @@ class Harness:
         self.registry = registry
         self.tracker = ConnectionTracker(self.clock, "pow")
         self.factory = PowFactory(self.engine, self.clock, self.tracker)
+        self.factory.doStart()  # the deadline sweep runs on the fake clock
 
     def connect(self, host: str = "127.0.0.1") -> tuple[Any, StringTransport]:
         """A protocol on a StringTransport from C{host}."""
@@ -136,9 +137,10 @@ def test_each_phase_has_a_deadline(harness: Harness, phase: str, timeout: float)
         protocol.dataReceived(HEADER.pack(1, 1, 10) + b"{")
     elif phase == "solution":
         challenge_of(harness, protocol, transport)
-    harness.clock.advance(timeout - 0.01)
+    sweep = harness.factory.sweep_interval
+    harness.clock.pump([sweep] * round((timeout - 0.01) // sweep))
     assert not transport.disconnecting
-    harness.clock.advance(0.02)
+    harness.clock.pump([sweep] * 2)  # the deadline, then at most one sweep late
     [error] = frames_of(transport)
     assert error.payload["code"] == "timeout" and transport.disconnecting
     assert harness.rejected("timeout") == 1
@@ -300,3 +302,14 @@ def test_random_input_never_breaks_the_protocol(harness: Harness, chunks: list[b
 def test_rate_object() -> None:
     """The default rate limit is 20 challenges per second per client."""
     assert Rate(20, 1.0).per_second == 20
+
+
+def test_deadline_sweep_stops_after_the_last_connection(harness: Harness) -> None:
+    """Once the listener stopped and the last connection is gone, no sweep is left running."""
+    protocol, transport = harness.connect()
+    harness.factory.doStop()
+    harness.clock.advance(harness.factory.sweep_interval)
+    assert harness.clock.getDelayedCalls()  # a connection remains: still sweeping
+    protocol.connectionLost(None)
+    harness.clock.advance(harness.factory.sweep_interval)
+    assert not harness.clock.getDelayedCalls()

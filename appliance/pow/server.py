@@ -5,9 +5,11 @@ and the L{PowEngine}, and enforces the per-phase deadlines.
 Phases: waiting for the first byte (or the next request), inside a frame,
 and solving (from the challenge to the complete solution frame). Each has
 its own deadline on the reactor's clock; missing one earns a C{timeout}
-error and a close. One reactor timer per connection carries the phase
-deadline and is moved (C{reset}) from phase to phase: creating and
-cancelling a timer per phase was a measurable share of a session's cost.
+error and a close. Deadlines are plain numbers on the connection, checked
+by one sweep of the factory a few times a second (as the HTTP engine's):
+a reactor timer per connection, created, moved and cancelled, was a
+measurable share of a session's cost. A deadline therefore fires up to
+L{PowFactory.sweep_interval} late.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from collections import deque
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -54,15 +56,16 @@ class PowProtocol(Protocol):
         self._awaiting_solution = False
         self._rounds = 0
         self._group: str | None = None
-        self._phase: IDelayedCall | None = None
+        self._phase_deadline = 0.0  # 0: no phase deadline runs
         self._phase_why = ""
-        self._frame_timer: IDelayedCall | None = None
+        self._frame_deadline = 0.0  # 0: no partial frame
 
     # -- connection --------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.engine = self.factory.engine
-        self.address = str(getattr(self.transport.getPeer(), "host", "?"))
+        self.clock = self.factory.clock
+        self.address = _peer_host(self.transport)
         self._group = self.engine.admit(self.address)
         if self._group is None:
             self._closing = True
@@ -186,47 +189,43 @@ class PowProtocol(Protocol):
 
     def _start_phase(self, seconds: float, why: str) -> None:
         self._phase_why = why
-        phase = self._phase
-        if phase is None:
-            self._phase = self.factory.clock.callLater(seconds, self._phase_passed)
-        else:
-            phase.reset(seconds)  # cheap when the deadline moves later
+        self._phase_deadline = self.clock.seconds() + seconds
 
     def _stop_phase(self) -> None:
         """Between phases (a frame is being handled): no phase deadline runs."""
-        self._phase_why = ""
-
-    def _phase_passed(self) -> None:
-        self._phase = None
-        if self._phase_why:
-            self._timed_out(self._phase_why)
-
-    def _cancel_phase(self) -> None:
-        self._phase_why = ""
-        if self._phase is not None and self._phase.active():
-            self._phase.cancel()
-        self._phase = None
+        self._phase_deadline = 0.0
 
     def _watch_frame(self) -> None:
         if self.decoder.partial:
-            if self._frame_timer is None:
-                self._frame_timer = self.factory.clock.callLater(
-                    self.engine.config.frame_timeout, self._timed_out, "frame not finished in time")
-        elif self._frame_timer is not None:
-            if self._frame_timer.active():
-                self._frame_timer.cancel()
-            self._frame_timer = None
+            if not self._frame_deadline:  # dribbled bytes do not move it
+                self._frame_deadline = self.clock.seconds() + self.engine.config.frame_timeout
+        else:
+            self._frame_deadline = 0.0
 
     def _cancel_timers(self) -> None:
-        self._cancel_phase()
-        if self._frame_timer is not None and self._frame_timer.active():
-            self._frame_timer.cancel()
-        self._frame_timer = None
+        self._phase_deadline = self._frame_deadline = 0.0
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the factory's sweep: time out a phase or frame that is late."""
+        if self._closing:
+            return
+        frame, phase = self._frame_deadline, self._phase_deadline
+        if frame and now >= frame and (not phase or frame <= phase):
+            self._timed_out("frame not finished in time")
+        elif phase and now >= phase:
+            self._timed_out(self._phase_why)
 
     def _timed_out(self, why: str) -> None:
-        self._phase = None
-        self._frame_timer = None
+        self._cancel_timers()
         self._fail(ErrorCode.TIMEOUT, why)
+
+
+def _peer_host(transport: Any) -> str:
+    """The client's IP address; from the raw address tuple when there is one."""
+    client = getattr(transport, "client", None)
+    if type(client) is tuple and client and type(client[0]) is str:
+        return client[0]
+    return str(getattr(transport.getPeer(), "host", "?"))
 
 
 class PowFactory(Factory):
@@ -234,12 +233,39 @@ class PowFactory(Factory):
 
     protocol = PowProtocol
     noisy = False
+    sweep_interval = 0.1
+    """Seconds between deadline checks: how late a deadline may fire."""
 
     def __init__(self, engine: PowEngine, clock: Any, tracker: Any) -> None:
         self.engine = engine
         self.clock = clock
         self.tracker = tracker
         self._quote_frames: dict[Quote, bytes] = {}
+        self._sweep: LoopingCall | None = None
+        self._listening = False
+
+    def startFactory(self) -> None:
+        """Start sweeping deadlines."""
+        self._listening = True
+        if self._sweep is None:
+            self._sweep = LoopingCall(self._sweep_deadlines)
+            self._sweep.clock = self.clock
+            self._sweep.start(self.sweep_interval, now=False)
+
+    def stopFactory(self) -> None:
+        """Keep sweeping until the connections that remain are gone."""
+        self._listening = False
+
+    def _sweep_deadlines(self) -> None:
+        now = self.clock.seconds()
+        for connection in list(self.tracker.connections()):
+            try:
+                connection.check_deadlines(now)
+            except Exception:
+                PowProtocol.log.failure("pow: deadline check failed")
+        if not self._listening and not len(self.tracker) and self._sweep is not None:
+            self._sweep.stop()
+            self._sweep = None
 
     def quote_frame(self, quote: Quote) -> bytes:
         """The QUOTE frame for C{quote}, encoded once (quotes repeat)."""
