@@ -20,7 +20,12 @@ from appliance.host.config import load_config
 from appliance.host.drain import ConnectionTracker
 from appliance.host.plugin import discover_plugins
 from appliance.pow.challenge import Challenge, ChallengeSigner
-from appliance.pow.difficulty import DifficultyController, DifficultyPolicy, client_group
+from appliance.pow.difficulty import (
+    BUCKETS,
+    DifficultyController,
+    DifficultyPolicy,
+    client_group,
+)
 from appliance.pow.engine import PowEngine, PowMetrics, memory_replay
 from appliance.pow.frames import HEADER, FrameDecoder, MessageType, encode
 from appliance.pow.quotes import QuoteSource
@@ -262,6 +267,23 @@ def test_difficulty_adapts_and_is_bounded() -> None:
     assert controller.difficulty_for("10.0.0.1") <= policy.maximum
     clock.advance(11)
     assert controller.difficulty_for("10.0.0.1") == 10 and controller.global_difficulty() == 10
+
+
+def test_difficulty_memory_is_bounded_per_client() -> None:
+    """A client at any rate costs the controller a bounded number of slices;
+    its count covers the last window only."""
+    clock = Clock()
+    policy = DifficultyPolicy(base=10, minimum=8, maximum=26, window=10.0, target_rate=10,
+                              max_connections=1000, client_threshold=5, client_extra_max=8,
+                              per_client_cap=5)
+    controller = DifficultyController(policy, clock)
+    for _ in range(3000):  # 100 per second for 30 seconds
+        controller.issue("10.0.0.1")
+        clock.advance(0.01)
+    client = controller._clients["10.0.0.1/32"]
+    assert len(client.slices) <= BUCKETS
+    assert 900 <= client.total <= 1000  # the window's 90-100%
+    assert controller.load() == pytest.approx(5 / 10.0 / 10)  # one client counts for its cap
 
 
 def test_client_groups() -> None:

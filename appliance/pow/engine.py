@@ -116,8 +116,7 @@ class PowEngine:
     def issue(self, address: str) -> dict[str, Any]:
         """Sign a challenge at the difficulty this client warrants now."""
         config = self.config
-        difficulty = self.controller.difficulty_for(address)
-        self.controller.record(address)
+        difficulty = self.controller.issue(address)
         per_puzzle = max(0, difficulty - config.puzzle_difficulty_offset)
         challenge, signature = self.signer.issue(
             address, per_puzzle, now_ms=int(self._clock.seconds() * 1000),
