@@ -5,7 +5,9 @@ from the encrypted file store, header injection, rate limits, bulkhead,
 egress vetting, metrics) in front of a local nginx returning a small body,
 against nginx itself as the peer proxy: C{proxy_pass} to a keep-alive
 upstream block with C{proxy_set_header Authorization}. wrk -c32, req/s and
-p99 for both.
+p99 for both. With C{--reference}, L{bench.leanproxy} (the leanest Twisted
+proxy: no features) runs in each round too, to read ours against what the
+reactor itself reaches here.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from bench.common import ROOT, Cleanup, Result, free_port, say, temp_dir
 from bench.machine import version_of
-from bench.procs import cpu_plan, require_binary
-from bench.servers import start_appliance, start_nginx
+from bench.procs import cpu_plan, pinned, require_binary, spawn, stop_process, wait_until
+from bench.servers import START_TIMEOUT, start_appliance, start_nginx
 from bench.wrk import Contender, add_wrk_arguments, side_by_side
 
 NAME = "secretproxy"
@@ -32,6 +36,26 @@ BODY = '{"id":"ch_123","object":"charge","amount":2000,"currency":"eur","paid":t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_wrk_arguments(parser)
+    parser.add_argument("--reference", action="store_true",
+                        help="also run the leanest Twisted proxy (bench.leanproxy) in each "
+                             "round and print ours as a ratio of it")
+
+
+def start_lean_proxy(cleanup: Cleanup, workdir: Path, upstream_port: int, injected: str,
+                     cpus: str | None) -> int:
+    """Start L{bench.leanproxy}; return its port once it listens."""
+    port_file = workdir / "lean.port"
+    log = workdir / "lean.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "wb") as output:
+        process = spawn(pinned([sys.executable, "-m", "bench.leanproxy", "--upstream-port",
+                                str(upstream_port), "--inject", injected,
+                                "--port-file", str(port_file)], cpus),
+                        output=output, cwd=workdir, env=env)
+    cleanup.callback(stop_process, process, signum=signal.SIGTERM, timeout=10)
+    wait_until(port_file.exists, timeout=START_TIMEOUT, what="lean proxy", process=process,
+               log=log)
+    return int(port_file.read_text())
 
 
 def _nginx_locations(upstream_port: int, injected: str) -> str:
@@ -117,8 +141,14 @@ def run(args: argparse.Namespace) -> Result:
         proxy_url = f"http://127.0.0.1:{service.port}/v1/charges/ch_123"  # type: ignore
         say(f"upstream nginx pid {upstream.process.pid}, peer nginx pid {peer.process.pid}, "
             f"appliance pid {appliance.process.pid}")
+        references = []
+        if args.reference:
+            lean_port = start_lean_proxy(cleanup, work, upstream.port,
+                                         f"Authorization: Bearer {api_key}", server_cpus)
+            references.append(Contender("lean-twisted",
+                                        f"http://127.0.0.1:{lean_port}/v1/charges/ch_123"))
         result = side_by_side(
-            args, NAME,
+            args, NAME, references=references,
             ours=Contender("secretproxy", proxy_url,
                            headers=("X-Upstream-Host: api.upstream.test",
                                     f"X-Session-Secret: {session}")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.common import BenchError, Figure, Result, format_number, say, warn
@@ -121,11 +122,14 @@ def add_wrk_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Contender,
-                 *, wrk_cpus: str | None = None) -> Result:
+                 *, wrk_cpus: str | None = None,
+                 references: Sequence[Contender] = ()) -> Result:
     """
     Measure C{peer} then C{ours} with wrk, C{args.rounds} times, in the same
     run; print every round and return the best round of each (highest
-    req/s) as the result.
+    req/s) as the result. C{references} are measured in each round too
+    (after ours) and printed, with ours as a ratio of each, but are not the
+    result.
     """
     if args.rounds < 1 or args.duration < 1 or args.connections < 1 or args.threads < 1:
         raise BenchError("--rounds, --duration, --connections and --threads must be >= 1")
@@ -138,16 +142,17 @@ def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Con
 
     say(f"load: wrk -t{args.threads} -c{args.connections} -d{round(args.duration)}s "
         f"--latency, {args.rounds} rounds, {peer.label} then {ours.label} in each")
-    say(f"  {peer.label}: {peer.url}")
-    say(f"  {ours.label}: {ours.url}")
+    contenders = (peer, ours, *references)
+    for contender in contenders:
+        say(f"  {contender.label}: {contender.url}")
     if args.warmup > 0:
-        for contender in (peer, ours):
+        for contender in contenders:
             measure(contender, args.warmup)
-    runs: dict[str, list[tuple[WrkRun, float]]] = {peer.label: [], ours.label: []}
-    width = max(len(peer.label), len(ours.label))
+    runs: dict[str, list[tuple[WrkRun, float]]] = {c.label: [] for c in contenders}
+    width = max(len(c.label) for c in contenders)
     meter = CpuMeter()
     for number in range(1, args.rounds + 1):
-        for contender in (peer, ours):
+        for contender in contenders:
             meter.start()
             run = measure(contender, args.duration)
             other = meter.other_cores()
@@ -159,12 +164,19 @@ def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Con
     best = {label: max(found, key=lambda r: r[0].requests_per_sec)
             for label, found in runs.items()}
     say(f"best of {args.rounds} rounds (highest req/s of each, not an average):")
-    for label in (peer.label, ours.label):
+    for label in runs:
         run, other = best[label]
         say(f"  {label:<{width}}  {run.summary()}, other work {other:.2f} cores")
         if other > OTHER_WORK_LIMIT:
             warn(f"other work on this machine used {other:.2f} cores during {label}'s best "
                  f"round: its figure, and so the ratio, is skewed; rerun on a quiet machine")
+    ours_rate = best[ours.label][0].requests_per_sec
+    for reference in references:
+        rate = best[reference.label][0].requests_per_sec
+        say(f"reference: {ours.label} {ours_rate:.0f} req/s vs {reference.label} {rate:.0f} "
+            f"req/s = ratio {ours_rate / rate if rate else float('nan'):.2f}; "
+            f"{reference.label} vs {peer.label} = ratio "
+            f"{rate / best[peer.label][0].requests_per_sec:.2f}")
     return Result(
         name=name,
         ours=Figure(best[ours.label][0].requests_per_sec, "req/s"),
