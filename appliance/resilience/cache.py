@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.python.failure import Failure
 
+from appliance.host.metrics import lock_free
 from appliance.resilience._support import ReactorTime, metric, registry_or_private
 
 K = TypeVar("K", bound=Hashable)
@@ -88,8 +89,9 @@ class TTLCache(Generic[K, V]):
         registry = registry_or_private(registry)
 
         def counter(what: str, text: str) -> Any:
-            return metric(Counter, registry, f"appliance_cache_{what}_total", text,
-                          ("cache",)).labels(name)
+            # Bumped on the reactor thread only, on every lookup: no lock.
+            return lock_free(metric(Counter, registry, f"appliance_cache_{what}_total", text,
+                                    ("cache",)).labels(name))
 
         self._hits = counter("hits", "Cache lookups answered with a fresh value.")
         self._misses = counter("misses", "Cache lookups without a fresh value.")
