@@ -27,8 +27,8 @@ from twisted.internet.task import deferLater
 
 from appliance.http.errors import HTTPError
 from appliance.secretproxy.config import Injection
-from appliance.secretproxy.pipeline import UpstreamRuntime
 from appliance.secretproxy.routes import render_injection
+from appliance.secretproxy.upstreams import UpstreamRuntime
 from tests.canary import CANARY, check_text
 from tests.harness.certs import TestCA
 from tests.http_upstream import start_upstream

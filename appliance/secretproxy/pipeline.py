@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from attrs import define, field
+from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,85 +26,18 @@ from appliance.http.errors import HTTPError
 from appliance.http.exchange import IDEMPOTENT, Exchange, UpstreamPlan
 from appliance.http.headers import VIA, dropped_fields
 from appliance.http.normalize import normalize_target
-from appliance.http.upstream import UpstreamTarget
 from appliance.policy import PolicyDecision, PolicyInput
 from appliance.resilience import BulkheadFull, rate_limit_headers
-from appliance.secretproxy.config import SecretProxyConfig, UpstreamConfig
-from appliance.secretproxy.routes import (
-    RouteTable,
-    render_injection,
-    status_class,
-    strip_query_param,
-)
+from appliance.secretproxy.config import SecretProxyConfig
+from appliance.secretproxy.routes import RouteTable, status_class, strip_query_param
+from appliance.secretproxy.upstreams import UpstreamRuntime
 
 # Credentials and routing fields the proxy owns: never forwarded from the client.
 ALWAYS_DROPPED = frozenset({b"authorization", b"proxy-authorization", b"cookie",
                             b"x-session-secret", b"x-upstream-host", b"forwarded"})
 UNAUTHORIZED = [(b"WWW-Authenticate", b'Bearer realm="secretproxy"')]
 _DURATION_MARK = 987654.125  # a placeholder no real duration prints as
-MAX_TARGETS = 64  # connection targets kept per upstream
 _VIA_LINE = b"Via: " + VIA
-
-
-@define(slots=True, eq=False)
-class UpstreamRuntime:
-    """
-    What the pipeline holds per upstream: config and its live helpers, and
-    the parts of the upstream request head that do not change per request.
-    """
-
-    config: UpstreamConfig
-    authenticator: Any
-    resolver: Any
-    bulkhead: Any
-    drop: frozenset[bytes]
-    client_tls: Any
-    host_line: bytes = field(init=False)
-    _injection: tuple[str, tuple[bytes | None, bytes | None]] | None = field(init=False,
-                                                                             default=None)
-    _targets: dict[str, UpstreamTarget] = field(init=False, factory=dict)
-    _address: tuple[Any, str] = field(init=False, default=(None, ""))
-
-    def __attrs_post_init__(self) -> None:
-        self.host_line = b"Host: " + self.config.authority
-
-    def injection(self, secret: str) -> tuple[bytes | None, bytes | None]:
-        """
-        L{render_injection} of C{secret} as (the query's C{name=value}, None)
-        or (None, the header line). The current value's rendering is kept
-        (only that one: a rotated-out secret is not held on to); a refused
-        value raises every time.
-        """
-        cached = self._injection
-        if cached is not None and cached[0] == secret:
-            return cached[1]
-        rendered = render_injection(self.config, secret)
-        if type(rendered) is tuple:
-            found: tuple[bytes | None, bytes | None] = (None, rendered[0] + b": " + rendered[1])
-        else:
-            found = (rendered, None)  # type: ignore[assignment]
-        self._injection = (secret, found)
-        return found
-
-    def target(self, address: str) -> UpstreamTarget:
-        """The (interned) connection target for one vetted address."""
-        found = self._targets.get(address)
-        if found is None:
-            config = self.config
-            found = UpstreamTarget(address, config.port,
-                                   config.host if config.scheme == "https" else None)
-            if len(self._targets) >= MAX_TARGETS:
-                self._targets.clear()
-            self._targets[address] = found
-        return found
-
-    def address_text(self, address: Any) -> str:
-        """C{str(address)}, remembered for the last address seen (str() is slow)."""
-        last, text = self._address
-        if address is not last:
-            text = str(address)
-            self._address = (address, text)  # holding it: its id cannot be reused
-        return text
 
 
 @define(slots=True, eq=False)

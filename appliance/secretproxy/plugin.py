@@ -21,8 +21,9 @@ from appliance.secretproxy import config as config_module
 from appliance.secretproxy.config import SecretProxyConfig, UpstreamConfig
 from appliance.secretproxy.limits import Limits
 from appliance.secretproxy.metrics import ProxyMetrics
-from appliance.secretproxy.pipeline import ALWAYS_DROPPED, Pipeline, UpstreamRuntime
+from appliance.secretproxy.pipeline import ALWAYS_DROPPED, Pipeline
 from appliance.secretproxy.secrets import build_secrets
+from appliance.secretproxy.upstreams import UpstreamRuntime
 
 __all__ = ["parse", "build", "SecretProxyService"]
 
