@@ -11,9 +11,9 @@ from typing import Protocol as TypingProtocol
 
 from attrs import frozen
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from appliance.host.deadlines import DeadlineSweep
 from appliance.http.body import NO_BODY, BodyDecoder, ChunkedDecoder, LengthDecoder
 from appliance.http.errors import HTTPError, error_response
 from appliance.http.exchange import Exchange
@@ -281,31 +281,15 @@ class ProxyServerFactory(Factory):
     protocol = ProxyServerProtocol
     noisy = False
     sweep_interval = 0.1
-    _sweep: LoopingCall | None = None
-    _listening = False
+    """Seconds between deadline checks: how late a deadline may fire."""
 
     def startFactory(self) -> None:
         """Start sweeping deadlines."""
-        self._listening = True
-        if self._sweep is None:
-            self._sweep = LoopingCall(self._sweep_deadlines)
-            self._sweep.clock = self.clock
-            self._sweep.start(self.sweep_interval, now=False)
+        self.deadlines.start()
 
     def stopFactory(self) -> None:
         """Keep sweeping until the connections that remain are gone."""
-        self._listening = False
-
-    def _sweep_deadlines(self) -> None:
-        now = self.clock.seconds()
-        for connection in list(self.tracker.connections()):
-            try:
-                connection.check_deadlines(now)
-            except Exception:
-                ProxyServerProtocol.log.failure("deadline check failed")
-        if not self._listening and not len(self.tracker) and self._sweep is not None:
-            self._sweep.stop()
-            self._sweep = None
+        self.deadlines.stop()
 
     def __init__(self, handler: RequestHandler, pool: UpstreamPool, clock: Any,
                  limits: ServerLimits, tracker: Any, on_rejected: Any = None) -> None:
@@ -315,6 +299,7 @@ class ProxyServerFactory(Factory):
         self.limits = limits
         self.tracker = tracker
         self._on_rejected = on_rejected
+        self.deadlines = DeadlineSweep(clock, tracker, self.sweep_interval)
 
     def rejected(self, status: int, reason: str) -> None:
         """A request refused before it reached the handler (metrics)."""

@@ -19,10 +19,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.host.deadlines import DeadlineSweep
 from appliance.http.fastwrite import close_now, write_now
 from appliance.pow.engine import PowEngine
 from appliance.pow.frames import (
@@ -241,31 +241,15 @@ class PowFactory(Factory):
         self.clock = clock
         self.tracker = tracker
         self._quote_frames: dict[Quote, bytes] = {}
-        self._sweep: LoopingCall | None = None
-        self._listening = False
+        self.deadlines = DeadlineSweep(clock, tracker, self.sweep_interval)
 
     def startFactory(self) -> None:
         """Start sweeping deadlines."""
-        self._listening = True
-        if self._sweep is None:
-            self._sweep = LoopingCall(self._sweep_deadlines)
-            self._sweep.clock = self.clock
-            self._sweep.start(self.sweep_interval, now=False)
+        self.deadlines.start()
 
     def stopFactory(self) -> None:
         """Keep sweeping until the connections that remain are gone."""
-        self._listening = False
-
-    def _sweep_deadlines(self) -> None:
-        now = self.clock.seconds()
-        for connection in list(self.tracker.connections()):
-            try:
-                connection.check_deadlines(now)
-            except Exception:
-                PowProtocol.log.failure("pow: deadline check failed")
-        if not self._listening and not len(self.tracker) and self._sweep is not None:
-            self._sweep.stop()
-            self._sweep = None
+        self.deadlines.stop()
 
     def quote_frame(self, quote: Quote) -> bytes:
         """The QUOTE frame for C{quote}, encoded once (quotes repeat)."""
