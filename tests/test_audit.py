@@ -35,14 +35,14 @@ from appliance.host.audit import (
     encode_fields,
 )
 from appliance.host.audit_events import _OPAQUE_RUN
-from appliance.host.audit_verify import (
+from appliance.host.audit_records import (
     GENESIS,
     RECOVERED_EVENT,
     build_line,
     line_hash,
     rfc3339,
-    verify,
 )
+from appliance.host.audit_verify import verify
 from appliance.host.redact import MASK, redact, remember_secret
 
 

@@ -21,15 +21,15 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from appliance.host.audit import AuditConfig, AuditLog, encode_fields
-from appliance.host.audit_verify import (
+from appliance.host.audit_records import (
     GENESIS,
     MAX_LINE_BYTES,
     RECOVERED_EVENT,
     build_line,
     line_hash,
     rfc3339,
-    verify,
 )
+from appliance.host.audit_verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 APPLIANCE = Path(sys.executable).parent / "appliance"

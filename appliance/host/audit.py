@@ -36,7 +36,7 @@ from appliance.host.audit_events import (
     encode_fields,
 )
 from appliance.host.audit_file import AuditFile, _Line, _OnError, _Sync
-from appliance.host.audit_verify import GENESIS, MAX_LINE_BYTES, build_line, line_hash, rfc3339
+from appliance.host.audit_records import GENESIS, MAX_LINE_BYTES, build_line, line_hash, rfc3339
 from appliance.host.ini import Section
 from appliance.host.metrics import LATENCY_BUCKETS
 from appliance.host.values import in_range, one_of, parse_duration, parse_int, parse_size

@@ -25,7 +25,7 @@ from appliance.host.audit_events import (
     AuditWriteError,
     encode_fields,
 )
-from appliance.host.audit_verify import (
+from appliance.host.audit_records import (
     GENESIS,
     MAX_LINE_BYTES,
     RECOVERED_EVENT,
