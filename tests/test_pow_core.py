@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from appliance.pow.challenge import (
     Challenge,
     ChallengeSigner,
     leading_zero_bits,
+    offer_json,
     puzzle_prefix,
     target,
     work_is_done,
@@ -22,6 +24,7 @@ from appliance.pow.frames import (
     FrameDecoder,
     MessageType,
     ProtocolError,
+    _to_json,
     encode,
 )
 from appliance.pow.solver import solve
@@ -141,3 +144,53 @@ def test_target_boundaries() -> None:
     assert b"\xff" * 32 < target(0)
     assert b"\x00\xff" + b"\xff" * 30 < target(8)
     assert not b"\x01" + b"\x00" * 31 < target(8)
+
+
+@settings(max_examples=300)
+@given(difficulty=st.integers(0, 64), issued=st.integers(0, 2**63), lifetime=st.integers(0, 2**40),
+       salt=st.text(min_size=1, max_size=64), address=st.text(min_size=1, max_size=64),
+       kid=st.text(min_size=1, max_size=64), puzzles=st.integers(1, 64),
+       signature=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64))
+def test_offer_json_is_the_generic_encoding(difficulty: int, issued: int, lifetime: int,
+                                            salt: str, address: str, kid: str, puzzles: int,
+                                            signature: str) -> None:
+    """The directly formatted CHALLENGE payload is byte for byte what the JSON encoder
+    makes of it, whatever the strings hold (quotes, backslashes, controls, non-ASCII)."""
+    challenge = Challenge(difficulty, issued, issued + lifetime, salt, address, kid, puzzles)
+    text = offer_json(challenge, signature)
+    assert text == _to_json({"challenge": challenge.to_json(), "signature": signature})
+    assert json.loads(text) == {"challenge": challenge.to_json(), "signature": signature}
+
+
+def _field_is_valid(name: str, value: object) -> bool:
+    """What docs/pow.md says each challenge field may hold."""
+    if name in ("v", "difficulty", "issued_at", "expires_at", "puzzles"):
+        if type(value) is not int:
+            return False
+        return {"v": value == 1, "difficulty": 0 <= value <= 64,
+                "puzzles": 1 <= value <= 64}.get(name, True)
+    if type(value) is not str or not 0 < len(value) <= 64 or not value.isascii() \
+            or "|" in value:
+        return False
+    return name != "alg" or value == "sha256"
+
+
+@settings(max_examples=500)
+@given(st.sampled_from(["v", "alg", "difficulty", "issued_at", "expires_at", "salt",
+                        "address", "kid", "puzzles"]),
+       st.one_of(st.integers(-5, 70), st.integers(), st.booleans(), st.none(),
+                 st.floats(allow_nan=False), st.text(max_size=70), st.just("sha256"),
+                 st.lists(st.integers(), max_size=2)))
+def test_one_changed_field_is_accepted_exactly_when_valid(name: str, value: object) -> None:
+    """A valid challenge with one field replaced parses, field for field, exactly when
+    the new value is valid; otherwise it is a bad_frame."""
+    challenge, _ = SIGNER.issue("10.0.0.1", 12, now_ms=1_000, lifetime_ms=60_000)
+    data = {**challenge.to_json(), name: value}
+    if _field_is_valid(name, value):
+        parsed = Challenge.from_json(data)
+        assert parsed.to_json() == data
+        assert all(type(parsed.to_json()[key]) is type(data[key]) for key in data)
+    else:
+        with pytest.raises(ProtocolError) as raised:
+            Challenge.from_json(data)
+        assert raised.value.code == ErrorCode.BAD_FRAME

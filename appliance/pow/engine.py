@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from appliance.host.metrics import CallbackCollector, FastHistogram
-from appliance.pow.challenge import Challenge, ChallengeSigner, work_is_done
+from appliance.pow.challenge import Challenge, ChallengeSigner, offer_json, work_is_done
 from appliance.pow.config import PowConfig
 from appliance.pow.difficulty import DifficultyController
 from appliance.pow.frames import ErrorCode, ProtocolError
@@ -98,8 +98,9 @@ class PowEngine:
 
     # -- challenges --------------------------------------------------------
 
-    def challenge(self, address: str) -> dict[str, Any] | Deferred[dict[str, Any]]:
-        """A signed challenge for C{address}, unless it is rate limited."""
+    def challenge(self, address: str) -> str | Deferred[str]:
+        """A signed challenge for C{address} (the CHALLENGE payload as JSON
+        text), unless it is rate limited."""
         group = self.controller.group(address)
         admit = getattr(self.limiter, "admit", None)
         if admit is not None:  # in memory: answer without a Deferred or a Decision
@@ -107,14 +108,15 @@ class PowEngine:
             return self.issue(address) if refused is None else self._admitted(refused, address)
         return self.limiter.acquire(group).addCallback(self._admitted, address)
 
-    def _admitted(self, decision: Any, address: str) -> dict[str, Any]:
+    def _admitted(self, decision: Any, address: str) -> str:
         if not decision.allowed:
             raise ProtocolError(ErrorCode.RATE_LIMITED,
                                 f"too many challenges; retry in {decision.retry_after:.1f}s")
         return self.issue(address)
 
-    def issue(self, address: str) -> dict[str, Any]:
-        """Sign a challenge at the difficulty this client warrants now."""
+    def issue(self, address: str) -> str:
+        """Sign a challenge at the difficulty this client warrants now: the
+        CHALLENGE payload as JSON text."""
         config = self.config
         difficulty = self.controller.issue(address)
         per_puzzle = max(0, difficulty - config.puzzle_difficulty_offset)
@@ -122,7 +124,7 @@ class PowEngine:
             address, per_puzzle, now_ms=int(self._clock.seconds() * 1000),
             lifetime_ms=int(config.challenge_lifetime * 1000), puzzles=config.puzzles)
         self.metrics.issued += 1
-        return {"challenge": challenge.to_json(), "signature": signature}
+        return offer_json(challenge, signature)
 
     # -- solutions ---------------------------------------------------------
 

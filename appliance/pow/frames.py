@@ -86,6 +86,12 @@ def encode(message_type: MessageType, payload: dict[str, Any]) -> bytes:
     return HEADER.pack(VERSION, message_type, len(body)) + body
 
 
+def encode_text(message_type: MessageType, payload_json: str) -> bytes:
+    """Serialise one frame whose payload is already JSON text."""
+    body = payload_json.encode("utf-8")
+    return HEADER.pack(VERSION, message_type, len(body)) + body
+
+
 def error_frame(code: str, message: str) -> bytes:
     """An ERROR frame."""
     return encode(MessageType.ERROR, {"code": code, "message": message})

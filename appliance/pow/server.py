@@ -32,6 +32,7 @@ from appliance.pow.frames import (
     MessageType,
     ProtocolError,
     encode,
+    encode_text,
     error_frame,
 )
 from appliance.pow.quotes import Quote
@@ -129,9 +130,9 @@ class PowProtocol(Protocol):
             self._bug(Failure())
             return
         # Deferred's metaclass is ABCMeta, whose isinstance() is slow: test
-        # the two synchronous answers (a payload, a quote) first.
+        # the two synchronous answers (a challenge's JSON, a quote) first.
         kind = type(result)
-        if kind is dict or kind is Quote or not isinstance(result, Deferred):
+        if kind is str or kind is Quote or not isinstance(result, Deferred):
             answer(result)
         else:
             result.addCallbacks(answer, self._refused)
@@ -139,11 +140,11 @@ class PowProtocol(Protocol):
 
     # -- answers -----------------------------------------------------------
 
-    def _send_challenge(self, payload: dict[str, Any]) -> None:
+    def _send_challenge(self, payload_json: str) -> None:
         self._busy = False
         if self._closing:
             return
-        write_now(self.transport, encode(MessageType.CHALLENGE, payload))
+        write_now(self.transport, encode_text(MessageType.CHALLENGE, payload_json))
         self._awaiting_solution = True
         self._start_phase(self.engine.config.solution_timeout, "no solution in time")
         self._pump()
