@@ -102,21 +102,25 @@ class PowProtocol(Protocol):
         except ProtocolError as error:
             self._fail(error.code, error.message)
             return
-        self._queue.extend(frames)
         self._watch_frame()
-        self._pump()
+        if len(frames) == 1 and not self._queue and not self._busy:
+            self._handle(frames[0])  # one whole frame per read: no queue
+        elif frames:
+            self._queue.extend(frames)
+            self._pump()
 
     def _pump(self) -> None:
         while self._queue and not self._busy and not self._closing:
-            frame = self._queue.popleft()
-            kind = frame.type
-            if kind is _CHALLENGE_REQUEST:
-                self._start(self.engine.challenge, self._send_challenge, None)
-            elif kind is _SOLUTION:
-                self._start(self.engine.redeem, self._send_quote, frame.payload)
-            else:
-                self._fail(ErrorCode.BAD_FRAME,
-                           f"a client does not send {frame.type.name} messages")
+            self._handle(self._queue.popleft())
+
+    def _handle(self, frame: Frame) -> None:
+        kind = frame.type
+        if kind is _CHALLENGE_REQUEST:
+            self._start(self.engine.challenge, self._send_challenge, None)
+        elif kind is _SOLUTION:
+            self._start(self.engine.redeem, self._send_quote, frame.payload)
+        else:
+            self._fail(ErrorCode.BAD_FRAME, f"a client does not send {frame.type.name} messages")
 
     def _start(self, work: Any, answer: Any, payload: dict[str, Any] | None) -> None:
         self._busy = True
@@ -147,7 +151,8 @@ class PowProtocol(Protocol):
         write_now(self.transport, encode_text(MessageType.CHALLENGE, payload_json))
         self._awaiting_solution = True
         self._start_phase(self.engine.config.solution_timeout, "no solution in time")
-        self._pump()
+        if self._queue:
+            self._pump()
 
     def _send_quote(self, quote: Quote) -> None:
         self._busy = False
