@@ -151,3 +151,19 @@ def http_status(url: str, timeout: float = 1.0) -> int:
         return int(error.code)
     except (OSError, urllib.error.URLError):
         return 0
+
+
+def python_env() -> dict[str, str]:
+    """The environment for a Python child that imports this source tree."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    return env
+
+
+def publish_port(path: Path, port: int) -> None:
+    """Write a listening port's number to C{path} for the harness, atomically
+    (the harness never reads half a number)."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(str(port))
+    os.replace(partial, path)

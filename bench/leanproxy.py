@@ -18,12 +18,13 @@ upstream responses with a Content-Length) and is not a proxy to use.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+from bench.common import publish_port
 
 DROPPED = (b"connection", b"authorization", b"x-session-secret", b"x-upstream-host", b"host")
 
@@ -144,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     factory: Any = Factory.forProtocol(Client)
     factory.noisy = False
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    partial = args.port_file.with_name(args.port_file.name + ".tmp")
-    partial.write_text(str(port.getHost().port))
-    os.replace(partial, args.port_file)  # the harness never reads half a number
+    publish_port(args.port_file, port.getHost().port)
     reactor.run()
     return 0
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import urllib.request
 from dataclasses import dataclass
@@ -42,9 +40,9 @@ from bench.common import (
     temp_dir,
 )
 from bench.powcosts import solver_rates, verification_costs
-from bench.powrounds import Contender, python_env, side_by_side
-from bench.procs import cpu_plan, pinned, spawn, stop_process, wait_until
-from bench.servers import START_TIMEOUT, start_appliance
+from bench.powrounds import Contender, side_by_side
+from bench.procs import cpu_plan
+from bench.servers import start_appliance, start_python_server
 
 NAME = "pow"
 SUMMARY = ("pow sessions/s (connect, challenge, solve at 4 bits, solution, quote) vs a "
@@ -129,17 +127,10 @@ def start_peer(cleanup: Cleanup, workdir: Path, payload: bytes, backlog: int,
     """Start L{bench.powpeer} on a port the kernel picks; wait until it listens."""
     payload_file = workdir / "quote.frame"
     payload_file.write_bytes(payload)
-    port_file = workdir / "peer.port"
-    log = workdir / "peer.log"
-    env = python_env()
-    with open(log, "wb") as output:
-        process = spawn(pinned([sys.executable, "-m", "bench.powpeer",
-                                "--payload", str(payload_file), "--port-file", str(port_file),
-                                "--backlog", str(backlog)], cpus),
-                        output=output, cwd=workdir, env=env)
-    cleanup.callback(stop_process, process, signum=signal.SIGTERM, timeout=10)
-    wait_until(port_file.exists, timeout=START_TIMEOUT, what=PEER, process=process, log=log)
-    return Peer(process, int(port_file.read_text()))
+    process, port = start_python_server(
+        cleanup, "bench.powpeer", ["--payload", str(payload_file), "--backlog", str(backlog)],
+        workdir, PEER, cpus)
+    return Peer(process, port)
 
 
 

@@ -14,12 +14,13 @@ picks and writes the number to C{--port-file} once it listens.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
+
+from bench.common import publish_port
 
 
 class WriteAndClose(Protocol):
@@ -52,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     factory: Any = Factory.forProtocol(WriteAndClose)
     factory.noisy = False
     port = reactor.listenTCP(0, factory, backlog=args.backlog, interface="127.0.0.1")
-    partial = args.port_file.with_name(args.port_file.name + ".tmp")
-    partial.write_text(str(port.getHost().port))
-    os.replace(partial, args.port_file)  # the harness never reads half a number
+    publish_port(args.port_file, port.getHost().port)
     reactor.run()
     return 0
 

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, BenchError, Figure, Result, format_number, say, warn
+from bench.common import ROOT, BenchError, Figure, Result, format_number, python_env, say, warn
 from bench.machine import CpuMeter
 from bench.procs import die_with_parent, pinned
 
@@ -29,14 +29,6 @@ SATURATED = 0.9
 """A process using this many cores or more is taken to be the limit."""
 
 _HZ = os.sysconf("SC_CLK_TCK")
-
-
-def python_env() -> dict[str, str]:
-    """The environment for a Python child that imports this source tree."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                     if env.get("PYTHONPATH") else "")
-    return env
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,16 @@ reactor itself reaches here.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from bench.common import ROOT, Cleanup, Result, free_port, say, temp_dir
+from bench.common import Cleanup, Result, free_port, python_env, say, temp_dir
 from bench.machine import version_of
-from bench.procs import cpu_plan, pinned, require_binary, spawn, stop_process, wait_until
-from bench.servers import START_TIMEOUT, start_appliance, start_nginx
+from bench.procs import cpu_plan, require_binary
+from bench.servers import start_appliance, start_nginx, start_python_server
 from bench.wrk import Contender, add_wrk_arguments, side_by_side
 
 NAME = "secretproxy"
@@ -44,18 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def start_lean_proxy(cleanup: Cleanup, workdir: Path, upstream_port: int, injected: str,
                      cpus: str | None) -> int:
     """Start L{bench.leanproxy}; return its port once it listens."""
-    port_file = workdir / "lean.port"
-    log = workdir / "lean.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as output:
-        process = spawn(pinned([sys.executable, "-m", "bench.leanproxy", "--upstream-port",
-                                str(upstream_port), "--inject", injected,
-                                "--port-file", str(port_file)], cpus),
-                        output=output, cwd=workdir, env=env)
-    cleanup.callback(stop_process, process, signum=signal.SIGTERM, timeout=10)
-    wait_until(port_file.exists, timeout=START_TIMEOUT, what="lean proxy", process=process,
-               log=log)
-    return int(port_file.read_text())
+    _, port = start_python_server(
+        cleanup, "bench.leanproxy", ["--upstream-port", str(upstream_port), "--inject", injected],
+        workdir, "lean-proxy", cpus)
+    return port
 
 
 def _nginx_locations(upstream_port: int, injected: str) -> str:
@@ -92,7 +82,7 @@ def run(args: argparse.Namespace) -> Result:
         store, key = work / "store.json", work / "store.key"
         cli = [sys.executable, "-m", "appliance.secretproxy.secrets.cli", "--store",
                str(store), "--key-file", str(key)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = python_env()
         subprocess.run(cli + ["init"], check=True, capture_output=True, env=env, timeout=60)
         subprocess.run(cli + ["put", "api-key"], input=api_key.encode(), check=True,
                        capture_output=True, env=env, timeout=60)

@@ -9,9 +9,9 @@ server never outlives the benchmark, on success, failure or Ctrl-C.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +20,11 @@ from pathlib import Path
 from bench.common import (
     BIN,
     LOOPBACK,
-    ROOT,
     BenchError,
     Cleanup,
     free_port,
     http_status,
+    python_env,
     temp_dir,
     warn,
 )
@@ -106,9 +106,7 @@ def start_appliance(cleanup: Cleanup, *, cpus: str | None = None,
         config = workdir / "appliance.ini"
         config.write_text(appliance_config(port, extra_config() if extra_config else ""))
         log = workdir / "appliance.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
-                                         if env.get("PYTHONPATH") else "")
+        env = python_env()
         env.pop("NOTIFY_SOCKET", None)
         with open(log, "wb") as output:
             process = spawn(
@@ -211,3 +209,22 @@ def start_nginx(cleanup: Cleanup, locations: str, *, ready_path: str = "/",
         return server
 
     return _start_with_retries("nginx", attempt)
+
+
+def start_python_server(cleanup: Cleanup, module: str, arguments: list[str], workdir: Path,
+                        name: str, cpus: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """
+    Start C{python -m MODULE ARGUMENTS --port-file FILE} (a peer or reference
+    server of this package that listens on a port the kernel picks and
+    publishes it with L{bench.common.publish_port}); wait until it listens.
+    Stopped with SIGTERM at the end. Returns the process and its port.
+    """
+    port_file = workdir / f"{name}.port"
+    log = workdir / f"{name}.log"
+    with open(log, "wb") as output:
+        process = spawn(pinned([sys.executable, "-m", module, *arguments,
+                                "--port-file", str(port_file)], cpus),
+                        output=output, cwd=workdir, env=python_env())
+    cleanup.callback(stop_process, process, signum=signal.SIGTERM, timeout=10)
+    wait_until(port_file.exists, timeout=START_TIMEOUT, what=name, process=process, log=log)
+    return process, int(port_file.read_text())
