@@ -82,8 +82,7 @@ def _to_json(payload: dict[str, Any]) -> str:
 
 def encode(message_type: MessageType, payload: dict[str, Any]) -> bytes:
     """Serialise one frame."""
-    body = _to_json(payload).encode("utf-8")
-    return HEADER.pack(VERSION, message_type, len(body)) + body
+    return encode_text(message_type, _to_json(payload))
 
 
 def encode_text(message_type: MessageType, payload_json: str) -> bytes:

@@ -151,8 +151,7 @@ class PowProtocol(Protocol):
         write_now(self.transport, encode_text(MessageType.CHALLENGE, payload_json))
         self._awaiting_solution = True
         self._start_phase(self.engine.config.solution_timeout, "no solution in time")
-        if self._queue:
-            self._pump()
+        self._pump()
 
     def _send_quote(self, quote: Quote) -> None:
         self._busy = False
