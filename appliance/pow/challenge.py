@@ -73,9 +73,8 @@ class Challenge(NamedTuple):
         difficulty, puzzles = data["difficulty"], data["puzzles"]
         issued_at, expires_at = data["issued_at"], data["expires_at"]
         salt, address, kid = data["salt"], data["address"], data["kid"]
-        # Every check below in one expression (one per solution, on the hot
-        # path); anything it refuses goes through the loops after it, which
-        # name the problem.
+        # Every check in one expression (one per solution, on the hot path);
+        # what it refuses, _malformed() names.
         if (data["v"] == 1 and type(data["v"]) is int and data["alg"] == ALGORITHM
                 and type(difficulty) is int and 0 <= difficulty <= MAX_DIFFICULTY
                 and type(puzzles) is int and 1 <= puzzles <= MAX_PUZZLES
@@ -87,21 +86,23 @@ class Challenge(NamedTuple):
                 and type(kid) is str and 0 < len(kid) <= 64 and kid.isascii()
                 and "|" not in kid):
             return cls(difficulty, issued_at, expires_at, salt, address, kid, puzzles)
-        for name in _INTS:
-            if type(data[name]) is not int:
-                raise ProtocolError(ErrorCode.BAD_FRAME, f"challenge {name} must be an integer")
-        for name in _TEXTS:
-            value = data[name]
-            if type(value) is not str or not 0 < len(value) <= 64 or not value.isascii() \
-                    or "|" in value:
-                raise ProtocolError(ErrorCode.BAD_FRAME,
-                                    f"challenge {name} must be a short ASCII string")
-        if data["v"] != 1 or data["alg"] != ALGORITHM:
-            raise ProtocolError(ErrorCode.BAD_FRAME, "unsupported challenge version or algorithm")
-        if not (0 <= data["difficulty"] <= MAX_DIFFICULTY and 1 <= data["puzzles"] <= MAX_PUZZLES):
-            raise ProtocolError(ErrorCode.BAD_FRAME, "challenge difficulty or puzzles out of range")
-        return cls(data["difficulty"], data["issued_at"], data["expires_at"], data["salt"],
-                   data["address"], data["kid"], data["puzzles"], data["alg"], data["v"])
+        raise _malformed(data)
+
+
+def _malformed(data: Mapping[str, Any]) -> ProtocolError:
+    """The error naming what is wrong with a challenge object that has every field."""
+    for name in _INTS:
+        if type(data[name]) is not int:
+            return ProtocolError(ErrorCode.BAD_FRAME, f"challenge {name} must be an integer")
+    for name in _TEXTS:
+        value = data[name]
+        if type(value) is not str or not 0 < len(value) <= 64 or not value.isascii() \
+                or "|" in value:
+            return ProtocolError(ErrorCode.BAD_FRAME,
+                                 f"challenge {name} must be a short ASCII string")
+    if data["v"] != 1 or data["alg"] != ALGORITHM:
+        return ProtocolError(ErrorCode.BAD_FRAME, "unsupported challenge version or algorithm")
+    return ProtocolError(ErrorCode.BAD_FRAME, "challenge difficulty or puzzles out of range")
 
 
 def offer_json(challenge: Challenge, signature: str) -> str:

@@ -121,13 +121,8 @@ class DifficultyController:
 
     def record(self, address: str) -> str:
         """Count a challenge request; return the client group."""
-        group = self.group(address)
-        now = self._clock.seconds()  # type: ignore[attr-defined]
-        self._load(self._policy, now)  # its sweep may drop empty clients
-        client = self._client(group, now, create=True)
-        assert client is not None
-        self._count(client, now)
-        return group
+        self.issue(address)
+        return self.group(address)
 
     def difficulty_for(self, address: str) -> int:
         """The difficulty to issue to C{address} now."""
