@@ -1,5 +1,5 @@
 """
-Write-through and close-through on real loopback TCP, and the fallback to
+Write-through, read-ahead and close-through on real loopback TCP, and the fallback to
 Twisted's own buffered path for everything else.
 """
 
@@ -14,7 +14,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
-from appliance.http.fastwrite import close_now, write_now
+from appliance.http.fastwrite import close_now, read_now, write_now
 
 
 class WriteAndClose(protocol.Protocol):
@@ -84,3 +84,56 @@ def test_other_transports_take_the_normal_path() -> None:
     write_now(transport, b"data")
     close_now(transport)
     assert transport.value() == b"data" and transport.disconnecting
+
+
+class ReadAhead(protocol.Protocol):
+    """Records what L{read_now} returned when the connection was made."""
+
+    def __init__(self, made: defer.Deferred[bytes]) -> None:
+        self.made = made
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted naming)
+        self.made.callback(read_now(self.transport))
+        self.transport.loseConnection()
+
+
+async def _read_ahead(reactor: Any, before_accept: bytes, close_first: bool = False) -> bytes:
+    """Connect and send with a blocking socket before the reactor can accept."""
+    made: defer.Deferred[bytes] = defer.Deferred()
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: ReadAhead(made)),
+                             interface="127.0.0.1")
+    # The kernel completes the handshake from the listen queue: connect and
+    # send return before the reactor runs, so the bytes wait at accept time.
+    sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        if before_accept:
+            sock.sendall(before_accept)
+        if close_first:
+            sock.close()
+        return await made
+    finally:
+        sock.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_takes_bytes_sent_before_the_accept(reactor: Any) -> None:
+    """A request sent right after connecting is there when the server accepts."""
+    assert await _read_ahead(reactor, b"GET / HTTP/1.1\r\n\r\n") == b"GET / HTTP/1.1\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_without_bytes_returns_nothing(reactor: Any) -> None:
+    """Nothing sent yet: nothing read, and no error."""
+    assert await _read_ahead(reactor, b"") == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_leaves_an_end_of_stream_to_the_reactor(reactor: Any) -> None:
+    """A client gone before the accept reads as nothing; the reactor sees the close."""
+    assert await _read_ahead(reactor, b"", close_first=True) == b""
+
+
+def test_read_now_on_other_transports_reads_nothing() -> None:
+    """A memory (or TLS) transport is read by the reactor as usual."""
+    assert read_now(StringTransport()) == b""

@@ -5,16 +5,19 @@ clock: phases and deadlines, drain, replay, adaptive difficulty, limits.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 
 from appliance.host.config import load_config
 from appliance.host.drain import ConnectionTracker
@@ -30,7 +33,7 @@ from appliance.pow.engine import PowEngine, PowMetrics, memory_replay
 from appliance.pow.frames import HEADER, FrameDecoder, MessageType, encode
 from appliance.pow.quotes import QuoteSource
 from appliance.pow.replay import MemoryReplaySet, ReplaySetFull
-from appliance.pow.server import PowFactory
+from appliance.pow.server import PowFactory, PowProtocol
 from appliance.pow.solver import solve
 from appliance.resilience import MemoryLimiter, Quota, Rate
 
@@ -119,6 +122,51 @@ def test_full_round_serves_one_quote_then_closes(harness: Harness) -> None:
     [quote] = frames_of(transport)
     assert quote.type == MessageType.QUOTE and quote.payload["quote"]
     assert transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_waiting_at_accept_is_answered(harness: Harness) -> None:
+    """
+    A client that sends its CHALLENGE_REQUEST before the server accepts (real
+    loopback TCP) gets its challenge from the read made at accept time.
+    """
+    from twisted.internet import reactor
+
+    answered_at_accept = []
+
+    class Recording(PowProtocol):
+        def connectionMade(self) -> None:  # noqa: N802 (Twisted naming)
+            super().connectionMade()
+            answered_at_accept.append(self._awaiting_solution)
+
+    harness.factory.protocol = Recording
+    port = reactor.listenTCP(0, harness.factory, interface="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        sock.sendall(encode(MessageType.CHALLENGE_REQUEST, {}))
+        data = await deferToThread(_read_frames, sock, 1)
+        [frame] = FrameDecoder(1024 * 1024).feed(data)
+        assert frame.type == MessageType.CHALLENGE
+        assert frame.payload["challenge"]["address"] == "127.0.0.1"
+        assert answered_at_accept == [True]  # no second reactor turn was needed
+    finally:
+        sock.close()
+        await port.stopListening()
+
+
+def _read_frames(sock: socket.socket, count: int) -> bytes:
+    """Read from a blocking socket until C{count} whole frames have come."""
+    data = b""
+    while True:
+        try:
+            if len(FrameDecoder(1024 * 1024).feed(data)) >= count:
+                return data
+        except Exception:
+            return data
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def test_several_rounds_when_configured(tmp_path: Path) -> None:

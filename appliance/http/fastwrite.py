@@ -14,6 +14,11 @@ to exactly that class: a TLS transport wraps one and forwards attribute
 lookups to it, so duck typing would find the raw socket and bypass TLS.
 Anything else (TLS, memory transports in tests) takes the normal path.
 
+L{read_now} is the same idea for a fresh connection's first bytes: a client
+that sends its request as soon as it connects has usually done so by the
+time the server accepts, and reading at once saves the reactor turn (an
+epoll event and its dispatch) that would otherwise deliver them.
+
 L{close_now} is the same idea for closing: C{loseConnection} asks epoll to
 watch for writability, waits a reactor turn, sends nothing, and only then
 closes; with nothing buffered, closing at once is the same orderly FIN.
@@ -43,6 +48,21 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def read_now(transport: Any) -> bytes:
+    """
+    Bytes already waiting on a plain TCP connection, read at once; C{b""}
+    when there are none yet or the transport is another kind. An end of
+    stream or an error is left to the reactor, which meets it on its own
+    next read (both persist on the socket).
+    """
+    if isinstance(transport, Connection) and transport.connected and not transport.disconnecting:
+        try:
+            return transport.socket.recv(transport.bufferSize)
+        except OSError:
+            return b""
+    return b""
 
 
 # One Failure for every orderly close: building one walks the exception's

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.host.deadlines import DeadlineSweep
-from appliance.http.fastwrite import close_now, write_now
+from appliance.http.fastwrite import close_now, read_now, write_now
 from appliance.pow.engine import PowEngine
 from appliance.pow.frames import (
     ErrorCode,
@@ -76,6 +76,9 @@ class PowProtocol(Protocol):
         self.decoder = FrameDecoder(self.engine.config.max_frame)
         self.factory.tracker.add(self)
         self._start_phase(self.engine.config.first_byte_timeout, "no request in time")
+        early = read_now(self.transport)
+        if early:
+            self.dataReceived(early)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._cancel_timers()
