@@ -31,13 +31,10 @@ import json
 from typing import Any
 
 from attrs import define, field
-from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
 
 from tests.harness.certs import TestCA
 
@@ -194,19 +191,6 @@ class FakeVault(_Fake):
                      "wrap_info": None, "warnings": None, "auth": None}, {}
 
 
-@implementer(IOpenSSLContextFactory)
-class _ServerContext:
-    """A TLS server context from cryptography objects (no deprecated pyOpenSSL types)."""
-
-    def __init__(self, certificate: Any, key: Any) -> None:
-        self._context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        self._context.use_certificate(certificate)
-        self._context.use_privatekey(key)
-
-    def getContext(self) -> Any:
-        return self._context
-
-
 def _doppler_error(message: str) -> dict[str, Any]:
     return {"messages": [message], "success": False}
 
@@ -237,7 +221,7 @@ class SecretServer:
             if self._cert is None:
                 issued = self.ca.issue(f"secret-server-{id(self)}", dns=("localhost",),
                                        ips=("127.0.0.1",))
-                self._cert = _ServerContext(issued.certificate, issued.private_key)
+                self._cert = issued.server_context()
             self._listening = self.reactor.listenSSL(self.port, self._factory, self._cert,
                                                      interface="127.0.0.1")
         else:

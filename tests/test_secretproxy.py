@@ -20,8 +20,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from OpenSSL import crypto
-from twisted.internet import ssl
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 
@@ -43,9 +41,7 @@ OTHER_SESSION = "session-secret-of-reports-0123456789"
 def upstream_tls(ca: TestCA, name: str = "api.upstream.test") -> Any:
     """A server context for the recording upstream, with a cert for C{name}."""
     issued = ca.issue(f"upstream-{name.replace('.', '-')}", dns=(name,))
-    return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(issued.private_key),
-        certificate=crypto.X509.from_cryptography(issued.certificate))
+    return issued.server_context()
 
 
 def make_store(tmp_path: Path, secrets: dict[str, str]) -> tuple[Path, Path]:

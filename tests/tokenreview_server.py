@@ -36,10 +36,7 @@ from typing import Any
 
 import pytest_twisted
 from attrs import define, field
-from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.web import http, resource, server
-from zope.interface import implementer
 
 from appliance.auth import AuthRequest, KubernetesAuth, TokenReviewClient
 from tests.harness.certs import TestCA
@@ -94,7 +91,7 @@ class TokenReviewServer:
         """Listen on a free port with a certificate for localhost/127.0.0.1."""
         issued = self.ca.issue("apiserver-" + secrets.token_hex(4), dns=("localhost",),
                                ips=("127.0.0.1",))
-        options = _ServerContext(issued.certificate, issued.private_key)
+        options = issued.server_context()
         root = resource.Resource()
         apis = root
         for segment in REVIEW_PATH.strip(b"/").split(b"/")[:-1]:
@@ -226,19 +223,6 @@ class _TrackingSite(server.Site):
         channel.makeConnection = make_connection
         channel.connectionLost = connection_lost
         return channel
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class _ServerContext:
-    """A TLS server context built from cryptography objects."""
-
-    def __init__(self, certificate: Any, key: Any) -> None:
-        self._context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        self._context.use_certificate(certificate)
-        self._context.use_privatekey(key)
-
-    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:  # noqa: N802
-        return SSL.Connection(self._context, None)
 
 
 def _status(request: server.Request, code: int, reason: str, message: str) -> bytes:

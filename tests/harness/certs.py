@@ -26,12 +26,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 KeyType = Literal["ec", "rsa"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -71,6 +74,30 @@ class Issued:
     def key_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM bytes."""
         return _key_pem(self.private_key)
+
+    def server_context(self) -> ServerContext:
+        """A TLS server context presenting this certificate (for C{listenSSL})."""
+        return ServerContext(self)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerContext:
+    """
+    A TLS server context for test servers, built from the cryptography
+    objects (C{ssl.CertificateOptions} wants pyOpenSSL's deprecated X509 and
+    PKey types). C{listenSSL} takes it in either role.
+    """
+
+    def __init__(self, issued: Issued) -> None:
+        self._context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self._context.use_certificate(issued.certificate)
+        self._context.use_privatekey(issued.private_key)
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 (Twisted naming)
+        return self._context
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:  # noqa: N802
+        return SSL.Connection(self._context, None)
 
 
 class TestCA:
