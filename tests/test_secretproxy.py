@@ -22,6 +22,7 @@ import pytest_twisted
 import treq
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 
 from appliance.http.errors import HTTPError
 from appliance.secretproxy.config import Injection
@@ -149,6 +150,11 @@ async def rig(reactor: Any, tmp_path: Path) -> Any:
     await setup.close()
 
 
+async def metrics_text(rig: Rig) -> str:
+    """The admin port's /metrics."""
+    return (await (await treq.get(f"http://127.0.0.1:{rig.admin}/metrics")).content()).decode()
+
+
 def header(record: dict[str, Any], name: str) -> list[str]:
     """Values of one header the upstream received."""
     return [value for key, value in record["headers"] if key == name]
@@ -265,8 +271,40 @@ async def test_tls_name_mismatch_is_502_and_nothing_is_sent(reactor: Any,
         code, body, _ = await rig.get("/v1/x")
         assert code == 502
         assert rig.received() == [] and rig.recorder.raw == b""
+        assert ('appliance_secretproxy_upstream_failures_total{kind="tls",upstream="api"} 1.0'
+                in await metrics_text(rig))
     finally:
         await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_outage_is_counted_and_logged_once(reactor: Any,
+                                                             tmp_path: Path) -> None:
+    """
+    Every request fails while the upstream is down (502), each is counted by
+    kind, and the log gets one line for the outage, not one per request.
+    """
+    rig = Rig(reactor, tmp_path)
+    logged: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        text = formatEvent(event)
+        if text.startswith("secretproxy: upstream api:"):
+            logged.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        await rig.port.stopListening()
+        codes = [(await rig.get(f"/v1/{number}"))[0] for number in range(20)]
+        assert codes == [502] * 20
+        assert ('appliance_secretproxy_upstream_failures_total{kind="unreachable",'
+                'upstream="api"} 20.0' in await metrics_text(rig))
+        assert len(logged) == 1 and "upstream unreachable" in logged[0]
+        rig.root.hosted[0].warnings.flush()  # what stopping does: the summary line
+        assert len(logged) == 2 and "(19 more like this in the last 10s)" in logged[1]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await stop(rig.root)
 
 
 @pytest_twisted.ensureDeferred
@@ -274,6 +312,8 @@ async def test_slow_upstream_is_504(rig: Rig) -> None:
     """No response head within response_timeout: 504."""
     code, _, _ = await rig.get("/slow/3")
     assert code == 504
+    assert ('appliance_secretproxy_upstream_failures_total{kind="timeout",upstream="api"} 1.0'
+            in await metrics_text(rig))
 
 
 @pytest_twisted.ensureDeferred
@@ -453,12 +493,15 @@ async def test_metrics_and_status_hold_no_secrets(rig: Rig) -> None:
     """Metrics carry bounded labels and no secret; /status shows the upstream table."""
     await rig.get("/v1/x")
     await rig.get("/v1/y", {"X-Session-Secret": "nope"})
+    await rig.get("/v1/z", {"X-Upstream-Host": "evil.test"})
     metrics = (await (await treq.get(f"http://127.0.0.1:{rig.admin}/metrics")).content()
                ).decode()
     status = (await (await treq.get(f"http://127.0.0.1:{rig.admin}/status")).content()
               ).decode()
     assert 'appliance_secretproxy_request_seconds_count{class="2xx",upstream="api"}' in metrics
     assert 'appliance_secretproxy_refused_total{reason="unauthenticated"} 1.0' in metrics
+    assert 'appliance_secretproxy_refused_total{reason="unknown_upstream"} 1.0' in metrics
+    assert "evil.test" not in metrics
     assert "/v1/x" not in metrics and "127.0.0.1:" not in metrics.split("appliance_tls")[0]
     assert '"api"' in status
     for text in (metrics, status):

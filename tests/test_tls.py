@@ -281,14 +281,24 @@ def test_mtls_allowlist(tls_appliance: Any) -> None:
                 sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
                 if not sock.recv(1000):
                     raise ConnectionResetError("closed")
-    process.wait_until(lambda: process.output().count("not on the allowlist") >= 2
+    process.wait_until(lambda: "not on the allowlist" in process.output()
                        and "not signed by the configured CA" in process.output()
                        and "TLS protocol error" in process.output(),
-                       what="every refusal logged")
+                       what="every kind of refusal logged")
     lines = [line for line in process.log_lines()
              if line["message"].startswith("tls:mtls: handshake refused")]
     assert any("not signed by the configured CA" in line["message"] for line in lines)
     assert not any("evil" in line["message"] for line in lines)
+    # Two allowlist refusals (s_client and the evil client), one line so far:
+    # repeats are counted exactly and summarised once per interval.
+    assert sum("not on the allowlist" in line["message"] for line in lines) == 1
+    with tls_connect(admin, client_context(ca, good)) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        metrics = b""
+        while chunk := sock.recv(65536):
+            metrics += chunk
+    assert (b'appliance_tls_handshake_failures_total{context="mtls",reason="not_allowed"} 2.0'
+            in metrics)
 
 
 def test_garbage_and_stalled_handshakes(tls_appliance: Any) -> None:

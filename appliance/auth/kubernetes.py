@@ -46,6 +46,7 @@ from appliance.auth.model import (
     Identity,
 )
 from appliance.auth.tokenreview import Review, ReviewUnavailable
+from appliance.host.log_throttle import LogThrottle
 from appliance.resilience import CircuitBreaker, TTLCache
 
 MAX_TOKEN = 16 * 1024
@@ -129,6 +130,7 @@ class KubernetesAuth:
         self.cache_ttl = cache_ttl
         self.negative_ttl = negative_ttl
         self._clock = clock
+        self._warnings = LogThrottle(self.log, clock)  # an outage fails every request
         self.metrics = AuthMetrics.for_registry(registry)
         self._count = {result: self.metrics.counter(self.name, result)
                        for result in (OK, INVALID, UNAVAILABLE)}
@@ -276,7 +278,8 @@ class KubernetesAuth:
             ticket.failure()
             self.metrics.tokenreview_seconds.observe(self._clock.seconds() - started)
             reason = _reason_of(error)
-            self.log.warn("TokenReview is unavailable: {reason}", reason=reason)
+            self._warnings.warn("unavailable", "TokenReview is unavailable: {reason}",
+                                reason=reason)
             return AuthResult.failed(UNAVAILABLE, self.name, reason)
         ticket.success()
         self.metrics.tokenreview_seconds.observe(self._clock.seconds() - started)
@@ -377,6 +380,7 @@ class KubernetesAuth:
 
     def close(self) -> Deferred[None]:
         """Close the TokenReview client's connections."""
+        self._warnings.flush()
         return self.client.close()
 
 

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from appliance.host.log_throttle import LogThrottle
 from appliance.host.tls_config import (
     AllowedClient,
     ClientTLSConfig,
@@ -183,6 +184,14 @@ class HostTLSFactory(TLSMemoryBIOFactory):
         self.server = server
         self.clock = clock
         self._on_refused = on_refused
+        # A scanner or a misconfigured client fails handshakes per connection:
+        # the first of each kind is logged with its peer, the rest summarised.
+        self.warnings = LogThrottle(self.log, clock)
+
+    def stopFactory(self) -> None:  # noqa: N802 (Twisted naming)
+        """The listener stopped: write what the throttle still holds."""
+        self.warnings.flush()
+        super().stopFactory()
 
     def refused(self, protocol: HostTLSProtocol, reason: str) -> None:
         """Count and log one refused (or abandoned) handshake."""
@@ -191,9 +200,10 @@ class HostTLSFactory(TLSMemoryBIOFactory):
         if reason == "closed":
             return  # the peer left before finishing the handshake: not worth a line
         peer = protocol.transport.getPeer() if protocol.transport is not None else None
-        self.log.warn("tls:{context}: handshake refused from {peer}: {reason}",
-                      context=self.server.name, peer=getattr(peer, "host", "?"),
-                      reason=_REASONS.get(reason, reason))
+        self.warnings.warn((self.server.name, reason),
+                           "tls:{context}: handshake refused from {peer}: {reason}",
+                           context=self.server.name, peer=getattr(peer, "host", "?"),
+                           reason=_REASONS.get(reason, reason))
 
 
 _REASONS = {

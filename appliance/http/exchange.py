@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from appliance.http.server import ProxyServerProtocol
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+UPSTREAM_FAILURES = ("unreachable", "tls", "closed", "bad_response", "timeout")
+"""L{Exchange.failure} values: dial failed, TLS handshake or verification failed, the connection
+closed early, an invalid response, a response or total deadline passed."""
 COMPRESSIBLE = (b"text/", b"application/json", b"application/javascript",
                 b"application/xml", b"application/x-www-form-urlencoded", b"+json", b"+xml",
                 b"image/svg+xml")
@@ -69,6 +72,7 @@ class Exchange:
     response_bytes: int = 0
     pending: bytes = b""
     error_reason: str = ""
+    failure: str = ""  # what went wrong upstream, one of UPSTREAM_FAILURES ("": nothing)
     upstream_started: float = 0.0
     upstream_seconds: float = 0.0
     _out: list[bytes] = field(factory=list)
@@ -134,9 +138,9 @@ class Exchange:
             self._attempt += 1
             self._connect()
             return
-        reason = "upstream unreachable"
-        if failure.check(UpstreamConnectError) and "certificate" in str(failure.value).lower():
-            reason = "upstream TLS verification failed"
+        reason, self.failure = "upstream unreachable", "unreachable"
+        if failure.check(UpstreamConnectError) and failure.value.tls_failed:
+            reason, self.failure = "upstream TLS handshake or verification failed", "tls"
         self.respond_error(502, f"{reason}: {failure.getErrorMessage()}")
 
     def _send(self, protocol: UpstreamProtocol) -> None:
@@ -387,6 +391,7 @@ class Exchange:
         self.upstream = None
         if self.finished:
             return
+        self.failure = "bad_response" if reason.check(HTTPError) else "closed"
         if not self.response_started:
             if reason.check(HTTPError):
                 self.respond_error(502, reason.value.reason)
@@ -415,6 +420,7 @@ class Exchange:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()
+        self.failure = "timeout"
         if not self.response_started:
             self.respond_error(504, f"upstream {which} timeout")
         else:

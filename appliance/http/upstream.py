@@ -54,6 +54,11 @@ class UpstreamTarget:
 class UpstreamConnectError(Exception):
     """Dialling, or the TLS handshake and verification, failed; nothing was sent."""
 
+    def __init__(self, message: str, tls_failed: bool = False) -> None:
+        super().__init__(message)
+        self.tls_failed = tls_failed
+        """The TCP connection was made and the TLS handshake or verification failed."""
+
 
 class ResponseSink:
     """What an L{UpstreamProtocol} reports to (the exchange)."""
@@ -84,12 +89,14 @@ class UpstreamProtocol(Protocol):
         self._method_head = False
         self.reusable = True
         self.connected_ok = False
+        self._tcp_up = False
         self.idle_since = 0.0
         self.served = 0
 
     # -- connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._tcp_up = True
         try:
             self.transport.setTcpNoDelay(True)  # requests must not wait for ACKs
         except (AttributeError, OSError, NotImplementedError):
@@ -110,7 +117,8 @@ class UpstreamProtocol(Protocol):
         self.reusable = False
         self.pool.forget(self)
         if not self.ready.called:
-            self.ready.errback(UpstreamConnectError(_describe(reason)))
+            self.ready.errback(UpstreamConnectError(_describe(reason),
+                                                    tls_failed=self._tcp_up and self.target.tls))
             return
         sink, self.sink = self.sink, None
         if sink is None:

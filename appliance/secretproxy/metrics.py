@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from appliance.host.metrics import LATENCY_BUCKETS, FastHistogram
 
-REFUSALS = ("no such upstream", "bad_request", "unauthenticated", "auth_unavailable",
+REFUSALS = ("unknown_upstream", "bad_request", "unauthenticated", "auth_unavailable",
             "policy_denied", "secret_unavailable", "egress_refused", "bulkhead_full",
             "injection_refused")
 
@@ -29,6 +29,10 @@ class ProxyMetrics:
         self._limited = Counter("appliance_secretproxy_rate_limited",
                                 "Requests refused with 429, by limit.", ["scope"],
                                 registry=registry)
+        self._upstream_failures = Counter(
+            "appliance_secretproxy_upstream_failures",
+            "Requests an upstream failed, by upstream and kind (unreachable, tls, closed, "
+            "bad_response, timeout).", ["upstream", "kind"], registry=registry)
         self._refetched = Counter("appliance_secretproxy_secret_refetches",
                                   "Secrets fetched again after an upstream 401 (and changed).",
                                   registry=registry)
@@ -50,6 +54,10 @@ class ProxyMetrics:
     def refused(self, reason: str) -> None:
         """A request the proxy answered itself."""
         self._refused.labels(reason if reason in REFUSALS else "bad_request").inc()
+
+    def upstream_failed(self, upstream: str, kind: str) -> None:
+        """A request the upstream failed (L{appliance.http.exchange.UPSTREAM_FAILURES})."""
+        self._upstream_failures.labels(upstream, kind).inc()
 
     def rate_limited(self, scope: str) -> None:
         """A 429."""

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from appliance.auth import AuthRequest, AuthResult, Identity
 from appliance.host.audit import encode_fields
+from appliance.host.log_throttle import LogThrottle
 from appliance.host.tls import peer_identity
 from appliance.http.errors import HTTPError
 from appliance.http.exchange import IDEMPOTENT, Exchange, UpstreamPlan
@@ -61,7 +62,7 @@ class Pipeline:
 
     def __init__(self, config: SecretProxyConfig, upstreams: dict[str, UpstreamRuntime],
                  policy: Any, secrets: Any, limits: Any, metrics: Any, audit: Any,
-                 clock: Any) -> None:
+                 clock: Any, warnings: LogThrottle | None = None) -> None:
         self.config = config
         self.upstreams = upstreams
         self.routes = RouteTable(config.upstreams)
@@ -71,6 +72,9 @@ class Pipeline:
         self.metrics = metrics
         self.audit = audit
         self.clock = clock
+        # Failures that repeat per request (a store or an upstream down) are
+        # throttled: the service keeps one across reloads and flushes it at stop.
+        self.warnings = warnings if warnings is not None else LogThrottle(self.log, clock)
         self.route_header = config.route_header
         self.session_header = config.auth.session_header
         self._audit_parts: dict[Any, tuple[bytes, bytes]] = {}
@@ -106,7 +110,7 @@ class Pipeline:
                 query = strip_query_param(query, config.injection.query_param)
             target = normalized.target(query)
         except HTTPError as error:
-            self.metrics.refused(error.reason if error.status == 403 else "bad_request")
+            self.metrics.refused("unknown_upstream" if error.status == 403 else "bad_request")
             exchange.respond_error(error.status, error.reason)
             return
         state = RequestState(upstream=upstream, path=path, target=target)
@@ -250,9 +254,10 @@ class Pipeline:
         if exchange.finished:
             return
         self.metrics.refused("secret_unavailable")
-        self.log.warn("secretproxy: secret unavailable for upstream {upstream}: {error}",
-                      upstream=exchange.attributes.get("upstream"),
-                      error=failure.getErrorMessage())
+        upstream = exchange.attributes.get("upstream")
+        self.warnings.warn(("secret", upstream),
+                           "secretproxy: secret unavailable for upstream {upstream}: {error}",
+                           upstream=upstream, error=failure.getErrorMessage())
         exchange.respond_error(503, "secret unavailable")
 
     def _with_secret(self, value: Any, exchange: Exchange, state: RequestState) -> None:
@@ -278,9 +283,10 @@ class Pipeline:
         if exchange.finished:
             return
         self.metrics.refused("egress_refused")
-        self.log.warn("secretproxy: upstream {upstream} address refused: {error}",
-                      upstream=exchange.attributes.get("upstream"),
-                      error=failure.getErrorMessage())
+        upstream = exchange.attributes.get("upstream")
+        self.warnings.warn(("egress", upstream),
+                           "secretproxy: upstream {upstream} address refused: {error}",
+                           upstream=upstream, error=failure.getErrorMessage())
         exchange.respond_error(502, "upstream address refused")
 
     def _with_addresses(self, addresses: list[Any], exchange: Exchange,
@@ -385,9 +391,11 @@ class Pipeline:
         duration = self.clock.seconds() - exchange.started
         self.metrics.request(upstream, status_class(exchange.status or 499), duration,
                              exchange.upstream_seconds)
-        if exchange.status >= 502 and exchange.error_reason:
-            self.log.warn("secretproxy: upstream {upstream}: {reason}", upstream=upstream,
-                          reason=exchange.error_reason)
+        if exchange.failure:
+            self.metrics.upstream_failed(upstream, exchange.failure)
+            self.warnings.warn(("upstream", upstream, exchange.failure),
+                               "secretproxy: upstream {upstream}: {reason}", upstream=upstream,
+                               reason=exchange.error_reason)
 
     def _failed(self, failure: Failure, exchange: Exchange, stage: str) -> None:
         self.log.failure("secretproxy: {stage} failed unexpectedly", failure, stage=stage)
@@ -396,5 +404,5 @@ class Pipeline:
 
     def _audit_failed(self, failure: Failure) -> None:
         self.metrics.audit_failed()
-        self.log.error("secretproxy: audit write failed: {error}",
-                       error=failure.getErrorMessage())
+        self.warnings.error("audit", "secretproxy: audit write failed: {error}",
+                            error=failure.getErrorMessage())

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from appliance.auth import Authenticator, build_authenticators
 from appliance.host.hosted import HostedService
 from appliance.host.ini import Section
+from appliance.host.log_throttle import LogThrottle
 from appliance.host.plugin import READY, Readiness, ReloadNotSupported
 from appliance.host.runtime import Runtime
 from appliance.http.egress import EgressPolicy, EgressResolver
@@ -63,8 +64,9 @@ class SecretProxyService(HostedService):
                                                  registry, runtime.redis)
         self.limits = Limits(config, runtime)
         upstreams = {u.name: self._upstream(u) for u in config.upstreams}
+        self.warnings = LogThrottle(Pipeline.log, runtime.clock)
         self.pipeline = Pipeline(config, upstreams, self.policy, self.secrets, self.limits,
-                                 self.metrics, runtime.audit, runtime.clock)
+                                 self.metrics, runtime.audit, runtime.clock, self.warnings)
         self.pool = UpstreamPool(runtime.reactor, self._client_tls,
                                  max_idle_per_target=config.pool_idle,
                                  idle_timeout=config.pool_idle_timeout)
@@ -125,6 +127,7 @@ class SecretProxyService(HostedService):
 
     def close(self) -> Deferred[None]:
         """After the drain: close pools, the store, policy and TokenReview clients."""
+        self.warnings.flush()
         self.pool.close_all()
         closing = [self.secrets.stop(), self.policy.close()]
         for method in self.auth_methods.values():
@@ -184,7 +187,7 @@ class SecretProxyService(HostedService):
             upstream.resolver.policy = EgressPolicy(allow=upstream.config.allow,
                                                     own_addresses=own)
         self.pipeline = Pipeline(config, self._upstreams, policy, self.secrets, self.limits,
-                                 self.metrics, runtime.audit, runtime.clock)
+                                 self.metrics, runtime.audit, runtime.clock, self.warnings)
         for listener in self.listeners:
             factory = listener.factory
             wrapped = getattr(factory, "wrappedFactory", factory)

@@ -40,6 +40,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.host.log_throttle import LogThrottle
 from appliance.host.redact import remember_secret
 from appliance.resilience import (
     BreakerPolicy,
@@ -128,6 +129,7 @@ class ResilientSecrets:
         self.refetch_interval = refetch_interval
         self.health_interval = health_interval
         self._clock = clock
+        self._warnings = LogThrottle(self.log, clock)  # once per secret, not per request
         self._refresh_age = None if refresh_ahead is None else max(0.0, ttl - refresh_ahead)
         registry = registry_or_private(registry)
         label = store.name
@@ -258,6 +260,7 @@ class ResilientSecrets:
 
     def stop(self) -> Deferred[None]:
         """Stop checking, finish fallback writes, close the store's connections."""
+        self._warnings.flush()
         if self._health is not None and self._health.running:
             self._health.stop()
         self._health = None
@@ -345,10 +348,11 @@ class ResilientSecrets:
                 f"beyond max_stale ({self.max_stale:.0f}s)", error.retry_after)
         remember_secret(value.value)
         self._fallbacks.inc()
-        self.log.warn("secret store {store} is failing ({error}); serving secret {secret} "
-                      "from the fallback cache ({source}, fetched {age:.0f}s ago)",
-                      store=self.store.name, error=str(error), secret=name,
-                      source=source, age=age)
+        self._warnings.warn(("fallback", name),
+                            "secret store {store} is failing ({error}); serving secret "
+                            "{secret} from the fallback cache ({source}, fetched {age:.0f}s "
+                            "ago)", store=self.store.name, error=str(error), secret=name,
+                            source=source, age=age)
         return evolve(value, from_fallback=True)
 
     def _fallback_loaded(self, failure: Failure, name: str) -> Any:
