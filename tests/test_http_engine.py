@@ -321,3 +321,57 @@ async def test_drain_finishes_in_flight_exchange(reactor: Any, running: Proxy) -
     data = await busy.closed
     assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
     await drained
+
+
+async def _idle_clients(reactor: Any, port: int, count: int) -> list[RawClient]:
+    clients = []
+    for _ in range(count):
+        client = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        clients.append(client)
+    await deferLater(reactor, 0.05, lambda: None)  # let the server accept them all
+    return clients
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_limit_get_503_and_close(reactor: Any) -> None:
+    """max_connections: one more is answered 503 and closed; a freed slot serves again."""
+    proxy = Proxy(reactor, ServerLimits(max_connections=3))
+    try:
+        held = await _idle_clients(reactor, proxy.number, 3)
+        refused = await raw(reactor, proxy.number, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 503 ")
+        assert proxy.rejections == [(503, "too many connections")]
+        assert proxy.recorder.raw == b""  # nothing reached the upstream
+        held[0].transport.loseConnection()
+        await held[0].closed
+        await deferLater(reactor, 0.05, lambda: None)
+        served = await raw(reactor, proxy.number,
+                           b"GET /x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        assert served.startswith(b"HTTP/1.1 200 ")
+        for client in held[1:]:
+            client.transport.loseConnection()
+    finally:
+        await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_per_client_are_limited(reactor: Any) -> None:
+    """max_connections_per_client counts by address and frees slots on close."""
+    proxy = Proxy(reactor, ServerLimits(max_connections_per_client=2))
+    try:
+        held = await _idle_clients(reactor, proxy.number, 2)
+        refused = await raw(reactor, proxy.number, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 503 ")
+        assert proxy.rejections == [(503, "too many connections from one client")]
+        for client in held:
+            client.transport.loseConnection()
+            await client.closed
+        await deferLater(reactor, 0.05, lambda: None)
+        factory = proxy.port.factory
+        assert factory._per_client == {}  # nothing left counted once all are gone
+        served = await raw(reactor, proxy.number,
+                           b"GET /x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+        assert served.startswith(b"HTTP/1.1 200 ")
+    finally:
+        await proxy.close()

@@ -489,6 +489,35 @@ async def test_reload_changes_rules_without_dropping_requests(rig: Rig) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_connection_limit_and_its_reload(reactor: Any, tmp_path: Path) -> None:
+    """
+    Beyond max_connections a client gets 503 (counted, nothing forwarded); a
+    reload that raises the limit applies to the next connection.
+    """
+    import socket
+
+    rig = Rig(reactor, tmp_path, extra="max_connections = 2\n")
+    held = []
+    try:
+        for _ in range(2):
+            held.append(socket.create_connection(("127.0.0.1", rig.proxy), timeout=10))
+        await deferLater(reactor, 0.05, lambda: None)
+        code, _, _ = await rig.get("/v1/x")
+        assert code == 503 and rig.received() == []
+        assert ('appliance_secretproxy_refused_total{reason="too_many_connections"} 1.0'
+                in await metrics_text(rig))
+        config = rig.tmp_path / "appliance.ini"
+        config.write_text(config.read_text().replace("max_connections = 2",
+                                                     "max_connections = 5"))
+        await rig.root.reload()
+        assert (await rig.get("/v1/x"))[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+        await rig.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_and_status_hold_no_secrets(rig: Rig) -> None:
     """Metrics carry bounded labels and no secret; /status shows the upstream table."""
     await rig.get("/v1/x")

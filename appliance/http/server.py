@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from appliance.host.deadlines import DeadlineSweep
+from appliance.host.peers import peer_host
 from appliance.http.body import NO_BODY, BodyDecoder, ChunkedDecoder, LengthDecoder
 from appliance.http.errors import HTTPError, error_response
 from appliance.http.exchange import Exchange
@@ -43,6 +44,10 @@ class ServerLimits:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     body_timeout: float = 30.0
+    max_connections: int = 10_000
+    """Open client connections of the service; more are answered 503 and closed."""
+    max_connections_per_client: int = 0
+    """Open connections from one client address (0: no such limit)."""
 
 
 class ProxyServerProtocol(Protocol):
@@ -61,6 +66,7 @@ class ProxyServerProtocol(Protocol):
         self._paused = False
         self._closed = False
         self._peer_host: bytes | None = None
+        self._counted_as: str | None = None  # the address counted per client, if any
         self.requests = 0
 
     # -- shared with the exchange ----------------------------------------------
@@ -80,8 +86,7 @@ class ProxyServerProtocol(Protocol):
         """The client's address as X-Forwarded-For sends it (looked up once)."""
         host = self._peer_host
         if host is None:
-            peer = self.transport.getPeer()
-            host = self._peer_host = str(getattr(peer, "host", "")).encode("ascii")
+            host = self._peer_host = peer_host(self.transport, "").encode("ascii")
         return host
 
     def write(self, data: bytes) -> None:
@@ -100,15 +105,23 @@ class ProxyServerProtocol(Protocol):
     # -- connection --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.clock = self.factory.clock
+        factory = self.factory
+        self.clock = factory.clock
+        refusal = factory.admit(self)
+        if refusal:
+            self._reject(503, refusal)
+            return
         _no_delay(self.transport)
-        self.factory.tracker.add(self)
-        self._arm(self.factory.limits.header_timeout, 408)
+        factory.tracker.add(self)
+        self._arm(factory.limits.header_timeout, 408)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
         self._disarm()
         self.factory.tracker.discard(self)
+        if self._counted_as is not None:
+            self.factory.release(self._counted_as)
+            self._counted_as = None
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
             exchange.client_lost()
@@ -299,7 +312,31 @@ class ProxyServerFactory(Factory):
         self.limits = limits
         self.tracker = tracker
         self._on_rejected = on_rejected
+        self._per_client: dict[str, int] = {}
         self.deadlines = DeadlineSweep(clock, tracker, self.sweep_interval)
+
+    def admit(self, protocol: ProxyServerProtocol) -> str:
+        """Count a new connection against the limits; the reason when it is over one."""
+        limits = self.limits
+        if len(self.tracker) >= limits.max_connections:
+            return "too many connections"
+        per_client = limits.max_connections_per_client
+        if per_client:
+            host = peer_host(protocol.transport)
+            count = self._per_client.get(host, 0)
+            if count >= per_client:
+                return "too many connections from one client"
+            self._per_client[host] = count + 1
+            protocol._counted_as = host
+        return ""
+
+    def release(self, host: str) -> None:
+        """A connection counted per client has closed."""
+        remaining = self._per_client.get(host, 1) - 1
+        if remaining > 0:
+            self._per_client[host] = remaining
+        else:
+            self._per_client.pop(host, None)
 
     def rejected(self, status: int, reason: str) -> None:
         """A request refused before it reached the handler (metrics)."""

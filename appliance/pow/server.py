@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.host.deadlines import DeadlineSweep
+from appliance.host.peers import peer_host
 from appliance.http.fastwrite import close_now, read_now, write_now
 from appliance.pow.engine import PowEngine
 from appliance.pow.frames import (
@@ -66,7 +67,7 @@ class PowProtocol(Protocol):
     def connectionMade(self) -> None:
         self.engine = self.factory.engine
         self.clock = self.factory.clock
-        self.address = _peer_host(self.transport)
+        self.address = peer_host(self.transport)
         self._group = self.engine.admit(self.address)
         if self._group is None:
             self._closing = True
@@ -226,14 +227,6 @@ class PowProtocol(Protocol):
     def _timed_out(self, why: str) -> None:
         self._cancel_timers()
         self._fail(ErrorCode.TIMEOUT, why)
-
-
-def _peer_host(transport: Any) -> str:
-    """The client's IP address; from the raw address tuple when there is one."""
-    client = getattr(transport, "client", None)
-    if type(client) is tuple and client and type(client[0]) is str:
-        return client[0]
-    return str(getattr(transport.getPeer(), "host", "?"))
 
 
 class PowFactory(Factory):

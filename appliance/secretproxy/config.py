@@ -92,6 +92,8 @@ class SecretProxyConfig:
     header_timeout: float
     idle_timeout: float
     body_timeout: float
+    max_connections: int
+    max_connections_per_client: int
     pool_idle: int
     pool_idle_timeout: float
     rate_limit: Rate | None
@@ -120,6 +122,9 @@ def parse(section: Section) -> SecretProxyConfig:
         header_timeout=section.get("header_timeout", in_range(parse_duration, 0.01), 10.0),
         idle_timeout=section.get("idle_timeout", in_range(parse_duration, 0.01), 60.0),
         body_timeout=section.get("body_timeout", in_range(parse_duration, 0.01), 30.0),
+        max_connections=section.get("max_connections", in_range(parse_int, 1), 10_000),
+        max_connections_per_client=section.get("max_connections_per_client",
+                                               in_range(parse_int, 0), 0),
         pool_idle=section.get("pool_idle", in_range(parse_int, 0, 10_000), 64),
         pool_idle_timeout=section.get("pool_idle_timeout", in_range(parse_duration, 0.01),
                                       30.0),

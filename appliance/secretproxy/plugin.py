@@ -71,15 +71,15 @@ class SecretProxyService(HostedService):
                                  max_idle_per_target=config.pool_idle,
                                  idle_timeout=config.pool_idle_timeout)
         self._upstreams = upstreams
-        limits = ServerLimits(max_head=config.max_head, max_body=config.max_body,
-                              header_timeout=config.header_timeout,
-                              idle_timeout=config.idle_timeout,
-                              body_timeout=config.body_timeout)
-        factory = ProxyServerFactory(self.pipeline, self.pool, runtime.clock, limits,
-                                     self.tracker,
-                                     on_rejected=lambda status, reason:
-                                     self.metrics.refused("bad_request"))
+        factory = ProxyServerFactory(self.pipeline, self.pool, runtime.clock,
+                                     _server_limits(config), self.tracker,
+                                     on_rejected=self._rejected)
         self.listen(config.listen, factory, "https" if config.tls else "http", tls=config.tls)
+
+    def _rejected(self, status: int, reason: str) -> None:
+        """A connection or request refused by the engine, before the pipeline."""
+        self.metrics.refused("too_many_connections" if reason.startswith("too many connections")
+                             else "bad_request")
 
     def _upstream(self, config: UpstreamConfig) -> UpstreamRuntime:
         runtime = self.runtime
@@ -192,7 +192,15 @@ class SecretProxyService(HostedService):
             factory = listener.factory
             wrapped = getattr(factory, "wrappedFactory", factory)
             wrapped.handler = self.pipeline
+            wrapped.limits = _server_limits(config)  # sizes, deadlines, connection limits
         return old_policy.close()
+
+
+def _server_limits(config: SecretProxyConfig) -> ServerLimits:
+    return ServerLimits(max_head=config.max_head, max_body=config.max_body,
+                        header_timeout=config.header_timeout, idle_timeout=config.idle_timeout,
+                        body_timeout=config.body_timeout, max_connections=config.max_connections,
+                        max_connections_per_client=config.max_connections_per_client)
 
 
 def build(config: Any, runtime: Runtime) -> SecretProxyService:
