@@ -11,6 +11,11 @@ loaded by L{bench.powload} (its own process, C{--connections} virtual
 clients on one reactor), which also reports its own CPU use so a load
 generator that is the bottleneck shows.
 
+With C{--reference}, L{bench.powminimal} (the protocol's own work with none
+of the service around it: no limits, deadlines, adaptive difficulty or
+metrics) runs in each round too, to read ours against what the protocol
+itself reaches here.
+
 Before the rounds, in this process: what one verification costs the server
 (C{PowEngine.verify} on a valid solution, at the benchmark's difficulty and
 at 20 bits) and the client solver's hashes/s per core, on one core and on
@@ -50,6 +55,8 @@ SUMMARY = ("pow sessions/s (connect, challenge, solve at 4 bits, solution, quote
 PACKAGES: tuple[str, ...] = ()
 
 PEER = "twisted-trivial"
+MINIMAL = "pow-minimal"
+"""The reference (C{--reference}): the protocol with none of the service around it."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default of 50 is below the concurrency)")
     parser.add_argument("--no-costs", action="store_true",
                         help="skip the in-process verification cost and solver hash rate")
+    parser.add_argument("--reference", action="store_true",
+                        help="also run the least a pow server must do (bench.powminimal) in "
+                             "each round and print ours as a ratio of it")
 
 
 # -- the servers ---------------------------------------------------------------
@@ -133,6 +143,13 @@ def start_peer(cleanup: Cleanup, workdir: Path, payload: bytes, backlog: int,
     return Peer(process, port)
 
 
+def start_minimal(cleanup: Cleanup, workdir: Path, difficulty: int, backlog: int,
+                  cpus: str | None) -> Peer:
+    """Start L{bench.powminimal}; wait until it listens."""
+    process, port = start_python_server(
+        cleanup, "bench.powminimal", ["--difficulty", str(difficulty), "--backlog", str(backlog)],
+        workdir, MINIMAL, cpus)
+    return Peer(process, port)
 
 
 def one_session(port: int, difficulty: int, timeout: float = 10.0) -> dict[str, Any]:
@@ -232,11 +249,17 @@ def run(args: argparse.Namespace) -> Result:
         say(f"a first session got a quote by {quote.get('author', '?')!r}"
             + (f"; pinned: servers on CPU {server_cpus}, load on CPU {load_cpus}"
                if server_cpus else ""))
+        references = []
+        if args.reference:
+            minimal = start_minimal(cleanup, workdir, args.difficulty, args.backlog,
+                                    server_cpus)
+            one_session(minimal.port, args.difficulty)
+            references.append(Contender(MINIMAL, "pow", minimal.port, minimal.process.pid))
         result = side_by_side(
             args, NAME,
             ours=Contender(NAME, "pow", pow_port, appliance.process.pid),
             peer=Contender(PEER, "trivial", peer.port, peer.process.pid, expect=len(payload)),
-            load_cpus=load_cpus)
+            load_cpus=load_cpus, references=references)
         say("the appliance's own counters, warmup included: "
             + appliance_counters(appliance.url("/metrics")))
         return result

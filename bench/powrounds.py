@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,8 +139,12 @@ def run_load(contender: Contender, *, duration: float, connections: int,
 
 
 def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Contender,
-                 load_cpus: str | None) -> Result:
-    """Peer then ours, C{args.rounds} times; the best round of each, as C{name}'s result."""
+                 load_cpus: str | None, references: Sequence[Contender] = ()) -> Result:
+    """
+    Peer then ours, C{args.rounds} times; the best round of each, as C{name}'s
+    result. C{references} run in each round too, after ours, and are printed
+    as ratios (ours to each, each to the peer); they do not change the result.
+    """
     if args.rounds < 1 or args.duration < 1 or args.connections < 1:
         raise BenchError("--rounds, --duration and --connections must be >= 1")
 
@@ -153,16 +158,18 @@ def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Con
                              f"{run.sessions} completed under load: {run.errors}")
         return run
 
+    contenders = (peer, ours, *references)
     say(f"load: python -m bench.powload, {args.connections} virtual clients, "
-        f"{round(args.duration)}s, {args.rounds} rounds, {peer.label} then {ours.label} in each")
+        f"{round(args.duration)}s, {args.rounds} rounds, "
+        f"{' then '.join(c.label for c in contenders)} in each")
     if args.warmup > 0:
-        for contender in (peer, ours):
+        for contender in contenders:
             measure(contender, args.warmup, None)
-    runs: dict[str, list[LoadRun]] = {peer.label: [], ours.label: []}
-    width = max(len(peer.label), len(ours.label))
+    runs: dict[str, list[LoadRun]] = {c.label: [] for c in contenders}
+    width = max(len(c.label) for c in contenders)
     meter = CpuMeter()
     for number in range(1, args.rounds + 1):
-        for contender in (peer, ours):
+        for contender in contenders:
             run = measure(contender, args.duration, meter)
             runs[contender.label].append(run)
             say(f"round {number}/{args.rounds} {contender.label:<{width}}  {run.summary()}")
@@ -171,7 +178,7 @@ def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Con
                      f"{run.errors}")
     best = {label: max(found, key=lambda r: r.sessions_per_sec) for label, found in runs.items()}
     say(f"best of {args.rounds} rounds (highest sessions/s of each, not an average):")
-    for label in (peer.label, ours.label):
+    for label in (c.label for c in contenders):
         run = best[label]
         say(f"  {label:<{width}}  {run.summary()}")
         if run.other_cores > OTHER_WORK_LIMIT:
@@ -191,6 +198,13 @@ def side_by_side(args: argparse.Namespace, name: str, ours: Contender, peer: Con
         f"(sessions per server CPU-second: ratio "
         f"{best[peer.label].server_us / best[ours.label].server_us:.2f})"
         if best[ours.label].server_us else "server CPU per session: not measured")
+    for reference in references:
+        mine, theirs, peers = best[ours.label], best[reference.label], best[peer.label]
+        say(f"reference: {ours.label} {mine.sessions_per_sec:.0f} sessions/s vs "
+            f"{reference.label} {theirs.sessions_per_sec:.0f} sessions/s = ratio "
+            f"{mine.sessions_per_sec / theirs.sessions_per_sec:.2f}; {reference.label} vs "
+            f"{peer.label} = ratio {theirs.sessions_per_sec / peers.sessions_per_sec:.2f} "
+            f"(server CPU per session {theirs.server_us:.0f} us)")
     return Result(name=name, ours=Figure(best[ours.label].sessions_per_sec, "sessions/s"),
                   peer_name=peer.label,
                   peer=Figure(best[peer.label].sessions_per_sec, "sessions/s"))
