@@ -375,3 +375,17 @@ async def test_connections_per_client_are_limited(reactor: Any) -> None:
         assert served.startswith(b"HTTP/1.1 200 ")
     finally:
         await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_limits_can_be_changed_at_run_time(reactor: Any, running: Proxy) -> None:
+    """configure() (a reload): idle connections beyond the new limit close at the next sweep."""
+    request = b"GET /slow/0.2 HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+    answers = await defer.gatherResults([defer.ensureDeferred(raw(reactor, running.number,
+                                                                  request))
+                                         for _ in range(3)])
+    assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
+    assert running.pool.idle_connections == 3
+    running.pool.configure(1, 5.0)
+    await deferLater(reactor, 1.2, lambda: None)  # one sweep
+    assert running.pool.idle_connections == 1

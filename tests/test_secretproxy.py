@@ -492,11 +492,12 @@ async def test_reload_changes_rules_without_dropping_requests(rig: Rig) -> None:
 async def test_connection_limit_and_its_reload(reactor: Any, tmp_path: Path) -> None:
     """
     Beyond max_connections a client gets 503 (counted, nothing forwarded); a
-    reload that raises the limit applies to the next connection.
+    reload that raises the limit applies to the next connection, and new
+    pool limits apply to the upstream pool.
     """
     import socket
 
-    rig = Rig(reactor, tmp_path, extra="max_connections = 2\n")
+    rig = Rig(reactor, tmp_path, extra="max_connections = 2\npool_idle = 8\n")
     held = []
     try:
         for _ in range(2):
@@ -508,9 +509,11 @@ async def test_connection_limit_and_its_reload(reactor: Any, tmp_path: Path) -> 
                 in await metrics_text(rig))
         config = rig.tmp_path / "appliance.ini"
         config.write_text(config.read_text().replace("max_connections = 2",
-                                                     "max_connections = 5"))
+                                                     "max_connections = 5")
+                          .replace("pool_idle = 8", "pool_idle = 2"))
         await rig.root.reload()
         assert (await rig.get("/v1/x"))[0] == 200
+        assert rig.root.hosted[0].pool.max_idle == 2  # the pool limits follow too
     finally:
         for sock in held:
             sock.close()

@@ -239,6 +239,15 @@ class UpstreamPool:
         self._all: set[UpstreamProtocol] = set()
         self._sweep: LoopingCall | None = None
 
+    def configure(self, max_idle_per_target: int, idle_timeout: float) -> None:
+        """New limits (a reload): idle connections beyond them go at the next sweep."""
+        self.max_idle = max_idle_per_target
+        self.idle_timeout = idle_timeout
+        sweep = self._sweep
+        if sweep is not None and sweep.running:
+            sweep.stop()
+            sweep.start(min(1.0, idle_timeout / 2), now=False)
+
     def checkout(self, target: UpstreamTarget) -> UpstreamProtocol | None:
         """An idle connection to C{target}, if any (synchronous)."""
         idle = self._idle.get(target)
@@ -304,7 +313,9 @@ class UpstreamPool:
         # One sweep instead of a timer per returned connection.
         horizon = self._reactor.seconds() - self.idle_timeout
         for idle in list(self._idle.values()):
-            for protocol in [p for p in idle if p.idle_since <= horizon]:
+            stale = [p for p in idle if p.idle_since <= horizon]
+            stale += [p for p in idle[:-self.max_idle or None] if p not in stale]
+            for protocol in stale:
                 self.close(protocol)
 
     def close(self, protocol: UpstreamProtocol) -> None:

@@ -193,6 +193,7 @@ class SecretProxyService(HostedService):
             wrapped = getattr(factory, "wrappedFactory", factory)
             wrapped.handler = self.pipeline
             wrapped.limits = _server_limits(config)  # sizes, deadlines, connection limits
+        self.pool.configure(config.pool_idle, config.pool_idle_timeout)
         return old_policy.close()
 
 
