@@ -66,7 +66,7 @@ class ProxyServerProtocol(Protocol):
         self._paused = False
         self._closed = False
         self._peer_host: bytes | None = None
-        self._counted_as: str | None = None  # the address counted per client, if any
+        self.counted_as: str | None = None  # the address this connection counts under, per client
         self.requests = 0
 
     # -- shared with the exchange ----------------------------------------------
@@ -119,9 +119,9 @@ class ProxyServerProtocol(Protocol):
         self._closed = True
         self._disarm()
         self.factory.tracker.discard(self)
-        if self._counted_as is not None:
-            self.factory.release(self._counted_as)
-            self._counted_as = None
+        if self.counted_as is not None:
+            self.factory.release(self.counted_as)
+            self.counted_as = None
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
             exchange.client_lost()
@@ -327,7 +327,7 @@ class ProxyServerFactory(Factory):
             if count >= per_client:
                 return "too many connections from one client"
             self._per_client[host] = count + 1
-            protocol._counted_as = host
+            protocol.counted_as = host
         return ""
 
     def release(self, host: str) -> None:
