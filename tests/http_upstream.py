@@ -10,7 +10,8 @@ received), and behaviours chosen by path:
 - C{/gzip}: a body already gzip-encoded by the upstream;
 - C{/drop}: close the connection without answering;
 - C{/half}: send part of the body, then close;
-- C{/hold}: never answer (for client-disconnect tests).
+- C{/hold}: never answer (for client-disconnect tests);
+- C{.../own-id}: 200 with the upstream's own C{X-Request-Id: upstream-own-id}.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class Behaviour(resource.Resource):
             request.write(b"x" * 100)
             self.reactor.callLater(0.05, request.channel.transport.abortConnection)
             return server.NOT_DONE_YET
+        if path.endswith("/own-id"):
+            request.setHeader(b"x-request-id", b"upstream-own-id")
+            return b"ok\n"
         if path == "/hold":
             request.notifyFinish().addErrback(self._count_cancel)
             return server.NOT_DONE_YET

@@ -236,6 +236,56 @@ async def test_policy_decides_on_the_normalised_path_and_is_audited(rig: Rig) ->
     assert CANARY not in rig.audit_path.read_text()
 
 
+async def decision_records(rig: Rig) -> list[dict[str, Any]]:
+    """The audit log's decision records so far."""
+    await rig.root.runtime.audit.flush()
+    return [record for record in map(json.loads, rig.audit_path.read_text().splitlines())
+            if record.get("event") == "secretproxy.decision"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_id_is_kept_passed_on_returned_and_audited(rig: Rig) -> None:
+    """A caller's plain X-Request-Id reaches the upstream once, comes back, and is audited."""
+    code, _, headers = await rig.get("/v1/x", {"X-Request-Id": "job-42.retry_1"})
+    assert code == 200
+    [record] = rig.received()
+    assert header(record, "x-request-id") == ["job-42.retry_1"]
+    assert headers.getRawHeaders("x-request-id") == ["job-42.retry_1"]
+    [decision] = await decision_records(rig)
+    assert decision["request_id"] == "job-42.retry_1" and decision["decision"] == "allow"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_id_is_minted_when_missing_or_not_plain(rig: Rig) -> None:
+    """
+    No ID, one with spaces, one too long, or one that is a known secret: the
+    proxy mints its own, unique per request, and uses it everywhere.
+    """
+    for given in (None, "has space", "x" * 65, SESSION):
+        code, _, headers = await rig.get("/v1/x", {"X-Request-Id": given})
+        assert code == 200
+    sent = [header(record, "x-request-id") for record in rig.received()]
+    assert all(len(ids) == 1 for ids in sent)
+    minted = [ids[0] for ids in sent]
+    assert len(set(minted)) == 4 and SESSION not in minted and "has space" not in minted
+    decisions = await decision_records(rig)
+    assert [d["request_id"] for d in decisions] == minted
+    assert SESSION not in rig.audit_path.read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_answers_carry_the_request_id_and_the_upstreams_own_wins(rig: Rig
+                                                                              ) -> None:
+    """A 401 from the proxy carries the ID; an upstream's own X-Request-Id is not doubled."""
+    code, _, headers = await rig.get("/v1/x", {"X-Session-Secret": "wrong-" + SESSION,
+                                              "X-Request-Id": "req-401"})
+    assert code == 401 and headers.getRawHeaders("x-request-id") == ["req-401"]
+    code, _, headers = await rig.get("/v1/own-id", {"X-Request-Id": "req-mine"})
+    assert code == 200
+    assert headers.getRawHeaders("x-request-id") == ["upstream-own-id"]
+    assert header(rig.received()[-1], "x-request-id") == ["req-mine"]
+
+
 @pytest_twisted.ensureDeferred
 async def test_client_credentials_and_connection_tricks_never_reach_upstream(rig: Rig
                                                                              ) -> None:

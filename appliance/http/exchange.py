@@ -73,6 +73,9 @@ class Exchange:
     pending: bytes = b""
     error_reason: str = ""
     failure: str = ""  # what went wrong upstream, one of UPSTREAM_FAILURES ("": nothing)
+    # Fields the handler adds to the answer, local or upstream (an upstream's own
+    # field of the same name wins): e.g. the request ID.
+    response_headers: tuple[tuple[bytes, bytes], ...] = ()
     upstream_started: float = 0.0
     upstream_seconds: float = 0.0
     _out: list[bytes] = field(factory=list)
@@ -101,6 +104,8 @@ class Exchange:
             return
         self.status = status
         close = not (self.body.done and not self.pending and self.server.keep_alive_allowed(self))
+        if self.response_headers:
+            headers = [*(headers or ()), *self.response_headers]
         self.server.write(error_response(status, headers, close=close,
                                          head_only=self.head.method == b"HEAD"))
         self.response_started = True
@@ -291,6 +296,9 @@ class Exchange:
         drop = dropped_fields(head, ENGINE_OWNED_RESPONSE)
         lines = [b"HTTP/1.1 %d %s" % (status, head.reason or phrase(status))]
         lines += [name + b": " + value for name, value in head.headers if name not in drop]
+        for name, value in self.response_headers:
+            if name.lower() not in head.fields:
+                lines.append(name + b": " + value)
         lines.append(_VIA_LINE)
         no_body = request.method == b"HEAD" or status in (204, 304)
         keep = self.server.keep_alive_allowed(self)

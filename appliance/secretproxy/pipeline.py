@@ -11,6 +11,9 @@ may end the request with a short error that names nothing configured.
 
 from __future__ import annotations
 
+import itertools
+import os
+import re
 import time
 from typing import Any
 
@@ -22,6 +25,7 @@ from twisted.python.failure import Failure
 from appliance.auth import AuthRequest, AuthResult, Identity
 from appliance.host.audit import encode_fields
 from appliance.host.log_throttle import LogThrottle
+from appliance.host.redact import redact
 from appliance.host.tls import peer_identity
 from appliance.http.errors import HTTPError
 from appliance.http.exchange import IDEMPOTENT, Exchange, UpstreamPlan
@@ -37,7 +41,11 @@ from appliance.secretproxy.upstreams import UpstreamRuntime
 ALWAYS_DROPPED = frozenset({b"authorization", b"proxy-authorization", b"cookie",
                             b"x-session-secret", b"x-upstream-host", b"forwarded"})
 UNAUTHORIZED = [(b"WWW-Authenticate", b'Bearer realm="secretproxy"')]
+REQUEST_ID = b"x-request-id"
+_REQUEST_ID_FIELD = b"X-Request-Id"
+_PLAIN_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _DURATION_MARK = 987654.125  # a placeholder no real duration prints as
+_REQUEST_ID_MARK = "request-id-placeholder-5f1c"
 _VIA_LINE = b"Via: " + VIA
 
 
@@ -53,6 +61,7 @@ class RequestState:
     decision: str = "-"
     permit: Any = None
     refetched: bool = False
+    request_id: bytes = b""
 
 
 class Pipeline:
@@ -77,14 +86,32 @@ class Pipeline:
         self.warnings = warnings if warnings is not None else LogThrottle(self.log, clock)
         self.route_header = config.route_header
         self.session_header = config.auth.session_header
-        self._audit_parts: dict[Any, tuple[bytes, bytes]] = {}
+        self._audit_parts: dict[Any, tuple[bytes, bytes, bytes]] = {}
+        # Minted request IDs: a random per-process prefix and a counter (a
+        # random read per request would be a system call each).
+        self._id_prefix = os.urandom(8).hex().encode("ascii") + b"-"
+        self._id_counter = itertools.count(1)
         self._proto_line = b"X-Forwarded-Proto: " + (b"https" if config.tls else b"http")
 
     # -- stage 1: route and normalise ------------------------------------------------
 
+    def request_id(self, head: Any) -> bytes:
+        """
+        The caller's X-Request-Id when it is short and plain (and holds no
+        known secret: it goes to the audit log as it is), else a new one.
+        """
+        given = head.fields.get(REQUEST_ID)
+        if given is not None and REQUEST_ID not in head.repeated and _PLAIN_ID.fullmatch(given):
+            text = given.decode("ascii")
+            if redact(text) == text:
+                return given
+        return b"%s%x" % (self._id_prefix, next(self._id_counter))
+
     def handle(self, exchange: Exchange) -> None:
         """Start a request's life."""
         head = exchange.head
+        request_id = self.request_id(head)
+        exchange.response_headers = ((_REQUEST_ID_FIELD, request_id),)
         if head.repeated and (self.route_header in head.repeated
                               or self.session_header in head.repeated):
             exchange.respond_error(400, "repeated routing or credential header")
@@ -113,7 +140,8 @@ class Pipeline:
             self.metrics.refused("unknown_upstream" if error.status == 403 else "bad_request")
             exchange.respond_error(error.status, error.reason)
             return
-        state = RequestState(upstream=upstream, path=path, target=target)
+        state = RequestState(upstream=upstream, path=path, target=target,
+                             request_id=request_id)
         exchange.attributes["state"] = state
         exchange.attributes["upstream"] = config.name
         self._limit(exchange, state, None, self._authenticate)
@@ -206,7 +234,8 @@ class Pipeline:
         state.decision = "allow" if decision.allowed else "deny"
         if self.audit is not None:
             self._audit_decision(identity.name, state.upstream.config.name,
-                                 exchange.head.method, state.decision, decision, duration)
+                                 exchange.head.method, state.decision, decision, duration,
+                                 state.request_id)
         if exchange.finished:
             return
         if not decision.allowed:
@@ -216,26 +245,31 @@ class Pipeline:
         self._resolve_secret(exchange, state)
 
     def _audit_decision(self, identity: str, upstream: str, method: bytes, verdict: str,
-                        decision: PolicyDecision, duration: float) -> None:
+                        decision: PolicyDecision, duration: float, request_id: bytes) -> None:
         """
         Audit one decision. The fields repeat from request to request but for
-        the duration, so their checked, redacted encoding is cached around a
-        marker and only the duration is spliced in.
+        the request ID and the duration, so their checked, redacted encoding is
+        cached around two markers and only those two are spliced in (a request
+        ID is plain by construction: letters, digits, C{.}, C{_}, C{-}).
         """
         key = (identity, upstream, method, verdict, decision.reason, decision.source)
         parts = self._audit_parts.get(key)
         if parts is None:
             encoded = encode_fields({
-                "event": "secretproxy.decision", "identity": identity, "upstream": upstream,
+                "event": "secretproxy.decision", "request_id": _REQUEST_ID_MARK,
+                "identity": identity, "upstream": upstream,
                 "method": method.decode("ascii"), "decision": verdict,
                 "reason": decision.reason, "source": decision.source,
                 "duration": _DURATION_MARK})
-            before, _, after = encoded.partition(repr(_DURATION_MARK).encode("ascii"))
-            parts = (before, after)
+            # Sorted fields: the duration comes before the request ID.
+            before, _, rest = encoded.partition(repr(_DURATION_MARK).encode("ascii"))
+            middle, _, after = rest.partition(_REQUEST_ID_MARK.encode("ascii"))
+            parts = (before, middle, after)
             if len(self._audit_parts) >= 10_000:
                 self._audit_parts.clear()
             self._audit_parts[key] = parts
-        self.audit.record_encoded(b"%s%.6f%s" % (parts[0], duration, parts[1]),
+        self.audit.record_encoded(b"%s%.6f%s%s%s" % (parts[0], duration, parts[1], request_id,
+                                                      parts[2]),
                                   self._audit_failed)
 
     # -- stage 5: the secret --------------------------------------------------------
@@ -343,6 +377,7 @@ class Pipeline:
         if host_header is not None:
             lines.append(b"X-Forwarded-Host: " + host_header)
         lines.append(_VIA_LINE)
+        lines.append(_REQUEST_ID_FIELD + b": " + state.request_id)
         retry_ok = head.method in IDEMPOTENT and head.content_length in (None, 0) \
             and not head.chunked
         return UpstreamPlan(
@@ -393,9 +428,10 @@ class Pipeline:
                              exchange.upstream_seconds)
         if exchange.failure:
             self.metrics.upstream_failed(upstream, exchange.failure)
+            request_id = state.request_id.decode("ascii") if state is not None else ""
             self.warnings.warn(("upstream", upstream, exchange.failure),
                                "secretproxy: upstream {upstream}: {reason}", upstream=upstream,
-                               reason=exchange.error_reason)
+                               reason=exchange.error_reason, request_id=request_id)
 
     def _failed(self, failure: Failure, exchange: Exchange, stage: str) -> None:
         self.log.failure("secretproxy: {stage} failed unexpectedly", failure, stage=stage)

@@ -22,7 +22,7 @@ from appliance.secretproxy import config as config_module
 from appliance.secretproxy.config import SecretProxyConfig, UpstreamConfig
 from appliance.secretproxy.limits import Limits
 from appliance.secretproxy.metrics import ProxyMetrics
-from appliance.secretproxy.pipeline import ALWAYS_DROPPED, Pipeline
+from appliance.secretproxy.pipeline import ALWAYS_DROPPED, REQUEST_ID, Pipeline
 from appliance.secretproxy.secrets import build_secrets
 from appliance.secretproxy.upstreams import UpstreamRuntime
 
@@ -85,7 +85,8 @@ class SecretProxyService(HostedService):
         runtime = self.runtime
         drop = (ALWAYS_DROPPED | ENGINE_OWNED_REQUEST | {self.config.route_header,
                                                          self.config.auth.session_header,
-                                                         config.injection.header})
+                                                         config.injection.header,
+                                                         REQUEST_ID})
         if self.config.auth.kubernetes is not None:
             drop |= {self.config.auth.kubernetes.header}
         resolver = EgressResolver(runtime.reactor,
