@@ -287,6 +287,35 @@ async def test_local_answers_carry_the_request_id_and_the_upstreams_own_wins(rig
 
 
 @pytest_twisted.ensureDeferred
+async def test_access_log_when_switched_on(reactor: Any, tmp_path: Path) -> None:
+    """access_log = true: one line per routed request, the path without its query."""
+    rig = Rig(reactor, tmp_path, extra="access_log = true\n")
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "appliance.secretproxy.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        assert (await rig.get("/v1/charges?api_key=zzz", {"X-Request-Id": "acc-1"}))[0] == 200
+        assert (await rig.get("/admin/x", {"X-Request-Id": "acc-2"}))[0] == 403
+        assert (await rig.get("/v1/x", {"X-Session-Secret": "nope"}))[0] == 401
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await rig.close()
+    lines = [formatEvent(event) for event in events]
+    assert len(lines) == 3
+    assert lines[0].startswith("GET /v1/charges 200 api billing ")
+    assert lines[0].endswith("request_id=acc-1")
+    assert lines[1].startswith("GET /admin/x 403 api billing ")
+    assert lines[2].startswith("GET /v1/x 401 api - ")
+    assert events[0]["decision"] == "allow" and events[1]["decision"] == "deny"
+    assert events[0]["response_bytes"] > 0 and events[0]["client"] == "127.0.0.1"
+    assert not any("zzz" in line for line in lines)
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_credentials_and_connection_tricks_never_reach_upstream(rig: Rig
                                                                              ) -> None:
     """The client's Authorization, Proxy-Authorization, cookies, and a Connection header

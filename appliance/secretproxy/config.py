@@ -94,6 +94,7 @@ class SecretProxyConfig:
     body_timeout: float
     max_connections: int
     max_connections_per_client: int
+    access_log: bool
     pool_idle: int
     pool_idle_timeout: float
     rate_limit: Rate | None
@@ -125,6 +126,7 @@ def parse(section: Section) -> SecretProxyConfig:
         max_connections=section.get("max_connections", in_range(parse_int, 1), 10_000),
         max_connections_per_client=section.get("max_connections_per_client",
                                                in_range(parse_int, 0), 0),
+        access_log=section.get("access_log", parse_bool, False),
         pool_idle=section.get("pool_idle", in_range(parse_int, 0, 10_000), 64),
         pool_idle_timeout=section.get("pool_idle_timeout", in_range(parse_duration, 0.01),
                                       30.0),

@@ -46,6 +46,8 @@ _REQUEST_ID_FIELD = b"X-Request-Id"
 _PLAIN_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _DURATION_MARK = 987654.125  # a placeholder no real duration prints as
 _REQUEST_ID_MARK = "request-id-placeholder-5f1c"
+# Module level: as a class attribute a Logger takes the class's namespace.
+_ACCESS_LOG = Logger(namespace="appliance.secretproxy.access")
 _VIA_LINE = b"Via: " + VIA
 
 
@@ -426,12 +428,28 @@ class Pipeline:
         duration = self.clock.seconds() - exchange.started
         self.metrics.request(upstream, status_class(exchange.status or 499), duration,
                              exchange.upstream_seconds)
+        if self.config.access_log and state is not None:
+            self._log_access(exchange, state, duration)
         if exchange.failure:
             self.metrics.upstream_failed(upstream, exchange.failure)
             request_id = state.request_id.decode("ascii") if state is not None else ""
             self.warnings.warn(("upstream", upstream, exchange.failure),
                                "secretproxy: upstream {upstream}: {reason}", upstream=upstream,
                                reason=exchange.error_reason, request_id=request_id)
+
+    def _log_access(self, exchange: Exchange, state: RequestState, duration: float) -> None:
+        """One line per routed request (C{access_log = true}); the path without its query."""
+        identity = state.identity
+        _ACCESS_LOG.info(
+            "{method} {path} {status} {upstream} {identity} {duration_ms:.1f}ms "
+            "request_id={request_id}",
+            method=exchange.head.method.decode("ascii"), path=state.path,
+            status=exchange.status or 499, upstream=state.upstream.config.name,
+            identity=identity.name if identity is not None else "-",
+            duration_ms=duration * 1000, upstream_ms=exchange.upstream_seconds * 1000,
+            response_bytes=exchange.response_bytes, decision=state.decision,
+            client=exchange.server.peer_host.decode("ascii"),
+            request_id=state.request_id.decode("ascii"))
 
     def _failed(self, failure: Failure, exchange: Exchange, stage: str) -> None:
         self.log.failure("secretproxy: {stage} failed unexpectedly", failure, stage=stage)
