@@ -9,7 +9,9 @@ audit log, and a Doppler-compatible store for outages.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,12 +22,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from appliance.http.errors import HTTPError
 from appliance.secretproxy.config import Injection
+from appliance.secretproxy.pipeline import Pipeline
 from appliance.secretproxy.routes import render_injection
 from appliance.secretproxy.upstreams import UpstreamRuntime
 from tests.canary import CANARY, check_text
@@ -261,8 +266,8 @@ async def test_a_request_id_is_minted_when_missing_or_not_plain(rig: Rig) -> Non
     No ID, one with spaces, one too long, or one that is a known secret: the
     proxy mints its own, unique per request, and uses it everywhere.
     """
-    for given in (None, "has space", "x" * 65, SESSION):
-        code, _, headers = await rig.get("/v1/x", {"X-Request-Id": given})
+    for supplied in (None, "has space", "x" * 65, SESSION):
+        code, _, headers = await rig.get("/v1/x", {"X-Request-Id": supplied})
         assert code == 200
     sent = [header(record, "x-request-id") for record in rig.received()]
     assert all(len(ids) == 1 for ids in sent)
@@ -684,3 +689,19 @@ def test_injection_is_rendered_once_per_current_value() -> None:
     assert upstream.host_line == b"Host: api.test"
     assert upstream.target("10.0.0.1") is upstream.target("10.0.0.1")
     assert upstream.target("10.0.0.1").server_name == "api.test"
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.binary(max_size=100), repeated=st.booleans())
+def test_request_id_from_any_header_value(value: bytes, repeated: bool) -> None:
+    """Whatever a client sends, the ID is plain: its own when plain and sent once, else new."""
+    pipeline = SimpleNamespace(_id_prefix=b"feedface-", _id_counter=itertools.count(1))
+    head = SimpleNamespace(fields={b"x-request-id": value},
+                           repeated=frozenset({b"x-request-id"}) if repeated else frozenset())
+    request_id = Pipeline.request_id(pipeline, head)  # type: ignore[arg-type]
+    assert re.fullmatch(rb"[A-Za-z0-9._-]{1,64}", request_id)
+    plain = re.fullmatch(rb"[A-Za-z0-9._-]{1,64}", value) is not None
+    if plain and not repeated:  # kept, unless it holds a secret the process knows
+        assert request_id in (value, b"feedface-1")
+    else:
+        assert request_id == b"feedface-1"
