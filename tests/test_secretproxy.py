@@ -9,7 +9,6 @@ audit log, and a Doppler-compatible store for outages.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import re
 import subprocess
@@ -30,7 +29,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from appliance.http.errors import HTTPError
 from appliance.secretproxy.config import Injection
-from appliance.secretproxy.pipeline import Pipeline
+from appliance.secretproxy.records import RequestIds
 from appliance.secretproxy.routes import render_injection
 from appliance.secretproxy.upstreams import UpstreamRuntime
 from tests.canary import CANARY, check_text
@@ -695,13 +694,15 @@ def test_injection_is_rendered_once_per_current_value() -> None:
 @given(value=st.binary(max_size=100), repeated=st.booleans())
 def test_request_id_from_any_header_value(value: bytes, repeated: bool) -> None:
     """Whatever a client sends, the ID is plain: its own when plain and sent once, else new."""
-    pipeline = SimpleNamespace(_id_prefix=b"feedface-", _id_counter=itertools.count(1))
+    ids = RequestIds()
     head = SimpleNamespace(fields={b"x-request-id": value},
                            repeated=frozenset({b"x-request-id"}) if repeated else frozenset())
-    request_id = Pipeline.request_id(pipeline, head)  # type: ignore[arg-type]
+    request_id = ids.for_request(head)
     assert re.fullmatch(rb"[A-Za-z0-9._-]{1,64}", request_id)
+    minted = re.fullmatch(rb"[0-9a-f]{16}-1", request_id) is not None
     plain = re.fullmatch(rb"[A-Za-z0-9._-]{1,64}", value) is not None
     if plain and not repeated:  # kept, unless it holds a secret the process knows
-        assert request_id in (value, b"feedface-1")
+        assert request_id == value or minted
     else:
-        assert request_id == b"feedface-1"
+        assert minted
+    assert ids.mint() != ids.mint()

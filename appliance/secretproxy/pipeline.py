@@ -11,9 +11,6 @@ may end the request with a short error that names nothing configured.
 
 from __future__ import annotations
 
-import itertools
-import os
-import re
 import time
 from typing import Any
 
@@ -23,9 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.auth import AuthRequest, AuthResult, Identity
-from appliance.host.audit import encode_fields
 from appliance.host.log_throttle import LogThrottle
-from appliance.host.redact import redact
 from appliance.host.tls import peer_identity
 from appliance.http.errors import HTTPError
 from appliance.http.exchange import IDEMPOTENT, Exchange, UpstreamPlan
@@ -34,6 +29,7 @@ from appliance.http.normalize import normalize_target
 from appliance.policy import PolicyDecision, PolicyInput
 from appliance.resilience import BulkheadFull, rate_limit_headers
 from appliance.secretproxy.config import SecretProxyConfig
+from appliance.secretproxy.records import REQUEST_ID_FIELD, DecisionAudit, RequestIds, log_access
 from appliance.secretproxy.routes import RouteTable, status_class, strip_query_param
 from appliance.secretproxy.upstreams import UpstreamRuntime
 
@@ -41,13 +37,6 @@ from appliance.secretproxy.upstreams import UpstreamRuntime
 ALWAYS_DROPPED = frozenset({b"authorization", b"proxy-authorization", b"cookie",
                             b"x-session-secret", b"x-upstream-host", b"forwarded"})
 UNAUTHORIZED = [(b"WWW-Authenticate", b'Bearer realm="secretproxy"')]
-REQUEST_ID = b"x-request-id"
-_REQUEST_ID_FIELD = b"X-Request-Id"
-_PLAIN_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
-_DURATION_MARK = 987654.125  # a placeholder no real duration prints as
-_REQUEST_ID_MARK = "request-id-placeholder-5f1c"
-# Module level: as a class attribute a Logger takes the class's namespace.
-_ACCESS_LOG = Logger(namespace="appliance.secretproxy.access")
 _VIA_LINE = b"Via: " + VIA
 
 
@@ -88,32 +77,17 @@ class Pipeline:
         self.warnings = warnings if warnings is not None else LogThrottle(self.log, clock)
         self.route_header = config.route_header
         self.session_header = config.auth.session_header
-        self._audit_parts: dict[Any, tuple[bytes, bytes, bytes]] = {}
-        # Minted request IDs: a random per-process prefix and a counter (a
-        # random read per request would be a system call each).
-        self._id_prefix = os.urandom(8).hex().encode("ascii") + b"-"
-        self._id_counter = itertools.count(1)
+        self.request_ids = RequestIds()
+        self.decisions = None if audit is None else DecisionAudit(audit, self._audit_failed)
         self._proto_line = b"X-Forwarded-Proto: " + (b"https" if config.tls else b"http")
 
     # -- stage 1: route and normalise ------------------------------------------------
 
-    def request_id(self, head: Any) -> bytes:
-        """
-        The caller's X-Request-Id when it is short and plain (and holds no
-        known secret: it goes to the audit log as it is), else a new one.
-        """
-        given = head.fields.get(REQUEST_ID)
-        if given is not None and REQUEST_ID not in head.repeated and _PLAIN_ID.fullmatch(given):
-            text = given.decode("ascii")
-            if redact(text) == text:
-                return given
-        return b"%s%x" % (self._id_prefix, next(self._id_counter))
-
     def handle(self, exchange: Exchange) -> None:
         """Start a request's life."""
         head = exchange.head
-        request_id = self.request_id(head)
-        exchange.response_headers = ((_REQUEST_ID_FIELD, request_id),)
+        request_id = self.request_ids.for_request(head)
+        exchange.response_headers = ((REQUEST_ID_FIELD, request_id),)
         if head.repeated and (self.route_header in head.repeated
                               or self.session_header in head.repeated):
             exchange.respond_error(400, "repeated routing or credential header")
@@ -234,10 +208,10 @@ class Pipeline:
         identity = state.identity
         assert identity is not None
         state.decision = "allow" if decision.allowed else "deny"
-        if self.audit is not None:
-            self._audit_decision(identity.name, state.upstream.config.name,
-                                 exchange.head.method, state.decision, decision, duration,
-                                 state.request_id)
+        if self.decisions is not None:
+            self.decisions.record(state.request_id, identity.name, state.upstream.config.name,
+                                  exchange.head.method, state.decision, decision.reason,
+                                  decision.source, duration)
         if exchange.finished:
             return
         if not decision.allowed:
@@ -245,34 +219,6 @@ class Pipeline:
             exchange.respond_error(403, "denied by policy")
             return
         self._resolve_secret(exchange, state)
-
-    def _audit_decision(self, identity: str, upstream: str, method: bytes, verdict: str,
-                        decision: PolicyDecision, duration: float, request_id: bytes) -> None:
-        """
-        Audit one decision. The fields repeat from request to request but for
-        the request ID and the duration, so their checked, redacted encoding is
-        cached around two markers and only those two are spliced in (a request
-        ID is plain by construction: letters, digits, C{.}, C{_}, C{-}).
-        """
-        key = (identity, upstream, method, verdict, decision.reason, decision.source)
-        parts = self._audit_parts.get(key)
-        if parts is None:
-            encoded = encode_fields({
-                "event": "secretproxy.decision", "request_id": _REQUEST_ID_MARK,
-                "identity": identity, "upstream": upstream,
-                "method": method.decode("ascii"), "decision": verdict,
-                "reason": decision.reason, "source": decision.source,
-                "duration": _DURATION_MARK})
-            # Sorted fields: the duration comes before the request ID.
-            before, _, rest = encoded.partition(repr(_DURATION_MARK).encode("ascii"))
-            middle, _, after = rest.partition(_REQUEST_ID_MARK.encode("ascii"))
-            parts = (before, middle, after)
-            if len(self._audit_parts) >= 10_000:
-                self._audit_parts.clear()
-            self._audit_parts[key] = parts
-        self.audit.record_encoded(b"%s%.6f%s%s%s" % (parts[0], duration, parts[1], request_id,
-                                                      parts[2]),
-                                  self._audit_failed)
 
     # -- stage 5: the secret --------------------------------------------------------
 
@@ -379,7 +325,7 @@ class Pipeline:
         if host_header is not None:
             lines.append(b"X-Forwarded-Host: " + host_header)
         lines.append(_VIA_LINE)
-        lines.append(_REQUEST_ID_FIELD + b": " + state.request_id)
+        lines.append(REQUEST_ID_FIELD + b": " + state.request_id)
         retry_ok = head.method in IDEMPOTENT and head.content_length in (None, 0) \
             and not head.chunked
         return UpstreamPlan(
@@ -429,27 +375,17 @@ class Pipeline:
         self.metrics.request(upstream, status_class(exchange.status or 499), duration,
                              exchange.upstream_seconds)
         if self.config.access_log and state is not None:
-            self._log_access(exchange, state, duration)
+            identity = state.identity
+            log_access(exchange.head.method, state.path, exchange.status or 499, upstream,
+                       identity.name if identity is not None else "-", state.decision,
+                       duration, exchange.upstream_seconds, exchange.response_bytes,
+                       exchange.server.peer_host, state.request_id)
         if exchange.failure:
             self.metrics.upstream_failed(upstream, exchange.failure)
             request_id = state.request_id.decode("ascii") if state is not None else ""
             self.warnings.warn(("upstream", upstream, exchange.failure),
                                "secretproxy: upstream {upstream}: {reason}", upstream=upstream,
                                reason=exchange.error_reason, request_id=request_id)
-
-    def _log_access(self, exchange: Exchange, state: RequestState, duration: float) -> None:
-        """One line per routed request (C{access_log = true}); the path without its query."""
-        identity = state.identity
-        _ACCESS_LOG.info(
-            "{method} {path} {status} {upstream} {identity} {duration_ms:.1f}ms "
-            "request_id={request_id}",
-            method=exchange.head.method.decode("ascii"), path=state.path,
-            status=exchange.status or 499, upstream=state.upstream.config.name,
-            identity=identity.name if identity is not None else "-",
-            duration_ms=duration * 1000, upstream_ms=exchange.upstream_seconds * 1000,
-            response_bytes=exchange.response_bytes, decision=state.decision,
-            client=exchange.server.peer_host.decode("ascii"),
-            request_id=state.request_id.decode("ascii"))
 
     def _failed(self, failure: Failure, exchange: Exchange, stage: str) -> None:
         self.log.failure("secretproxy: {stage} failed unexpectedly", failure, stage=stage)

@@ -22,7 +22,8 @@ from appliance.secretproxy import config as config_module
 from appliance.secretproxy.config import SecretProxyConfig, UpstreamConfig
 from appliance.secretproxy.limits import Limits
 from appliance.secretproxy.metrics import ProxyMetrics
-from appliance.secretproxy.pipeline import ALWAYS_DROPPED, REQUEST_ID, Pipeline
+from appliance.secretproxy.pipeline import ALWAYS_DROPPED, Pipeline
+from appliance.secretproxy.records import REQUEST_ID
 from appliance.secretproxy.secrets import build_secrets
 from appliance.secretproxy.upstreams import UpstreamRuntime
 
