@@ -264,6 +264,25 @@ def test_simultaneous_submissions_serve_once(harness: Harness) -> None:
     assert kinds == ["ERROR", "QUOTE"]
 
 
+def test_a_solution_resent_in_another_spelling_is_not_served_again(harness: Harness
+                                                                     ) -> None:
+    """
+    The signature is also the replay key: a redeemed solution resent with
+    its hex signature in upper case (it used to pass the check, which
+    lower-cased it) is refused, as is a non-ASCII one (it used to raise).
+    """
+    protocol, transport = harness.connect()
+    good = solution_for(challenge_of(harness, protocol, transport))
+    protocol.dataReceived(encode(MessageType.SOLUTION, good))
+    assert frames_of(transport)[0].type == MessageType.QUOTE
+    for signature in (good["signature"].upper(), good["signature"].title(), "é" * 64):
+        again, again_transport = harness.connect()
+        again.dataReceived(encode(MessageType.SOLUTION, dict(good, signature=signature)))
+        [error] = frames_of(again_transport)
+        assert error.type == MessageType.ERROR and error.payload["code"] == "bad_signature"
+    assert harness.rejected("bad_signature") == 3 and harness.rejected("busy") == 0
+
+
 def test_connection_limits_per_client_group(tmp_path: Path) -> None:
     """Past max_connections_per_client the group gets busy; other clients still get in."""
     harness = Harness(pow_config(tmp_path, "max_connections_per_client = 2\n"
@@ -383,3 +402,44 @@ def test_deadline_sweep_stops_after_the_last_connection(harness: Harness) -> Non
     protocol.connectionLost(None)
     harness.clock.advance(harness.factory.sweep_interval)
     assert not harness.clock.getDelayedCalls()
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                     | st.text(max_size=70),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["challenge", "signature", "nonces", "extra"]),
+       inner=st.none() | st.sampled_from(["v", "alg", "difficulty", "issued_at", "expires_at",
+                                          "salt", "address", "kid", "puzzles"]),
+       value=_JSON)
+def test_any_malformed_solution_gets_a_typed_error(harness: Harness, field: str,
+                                                   inner: str | None, value: Any) -> None:
+    """
+    A SOLUTION with one part replaced by any JSON value (the challenge, one of
+    its fields, the signature, the nonces, or an extra key) is answered with a
+    typed error, never an internal one, and never a quote.
+    """
+    harness.clock.advance(1)  # the same harness serves every example: let the limiter refill
+    protocol, transport = harness.connect()
+    good = solution_for(challenge_of(harness, protocol, transport))
+    protocol.connectionLost(None)  # the solution comes on a connection of its own
+    protocol, transport = harness.connect()
+    if field == "challenge" and inner is not None:
+        bad = dict(good, challenge=dict(good["challenge"], **{inner: value}))
+    else:
+        bad = dict(good, **{field: value})
+    if bad == good:
+        protocol.connectionLost(None)
+        return
+    protocol.dataReceived(encode(MessageType.SOLUTION, bad))
+    protocol.connectionLost(None)
+    [answer] = frames_of(transport)
+    assert answer.type == MessageType.ERROR
+    assert answer.payload["code"] in ("bad_frame", "bad_signature", "wrong_address", "expired",
+                                      "insufficient_work")
+    assert harness.rejected("busy") == 0

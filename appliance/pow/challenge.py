@@ -175,11 +175,16 @@ class ChallengeSigner:
 
     def authentic(self, challenge: Challenge, signature: Any,
                   canonical: bytes | None = None) -> bool:
-        """Whether C{signature} is this server's, compared in constant time."""
+        """
+        Whether C{signature} is this server's, exactly as issued (lower-case
+        hex), compared in constant time. Only the issued spelling passes: the
+        signature is also the replay key, and an upper-case copy of a
+        redeemed one must not count as new.
+        """
         if (challenge.kid not in self._keys or type(signature) is not str
-                or len(signature) != 64):
-            return False
-        return hmac.compare_digest(self.sign(challenge, canonical), signature.lower())
+                or len(signature) != 64 or not signature.isascii()):
+            return False  # compare_digest refuses non-ASCII text with an exception
+        return hmac.compare_digest(self.sign(challenge, canonical), signature)
 
 
 @functools.cache
