@@ -706,3 +706,4 @@ def test_request_id_from_any_header_value(value: bytes, repeated: bool) -> None:
     else:
         assert minted
     assert ids.mint() != ids.mint()
+
