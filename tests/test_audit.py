@@ -592,7 +592,7 @@ async def test_record_encoded_refused_at_once(reactor: Any, tmp_path: Path) -> N
     log = start_log(reactor, tmp_path / "audit.jsonl", registry)
     await log.stopService()
     errors: list[Any] = []
-    log.record_encoded(encode_fields({"n": 0}), errors.append)
+    assert log.record_encoded(encode_fields({"n": 0}), errors.append) is False
     assert [failure.check(AuditClosed) for failure in errors] == [AuditClosed]
     assert sample(log, registry, "appliance_audit_write_errors_total", reason="closed") == 1
 

@@ -603,6 +603,36 @@ async def test_connection_limit_and_its_reload(reactor: Any, tmp_path: Path) -> 
         await rig.close()
 
 
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+@pytest_twisted.ensureDeferred
+async def test_an_audit_log_that_refuses_lines(reactor: Any, tmp_path: Path,
+                                               policy: str) -> None:
+    """
+    The audit log refuses lines (here: stopped): by default an allowed request
+    is then refused with 503 and nothing is forwarded, since every decision
+    must be on record; with on_audit_failure = allow it goes through and the
+    failure is counted.
+    """
+    rig = Rig(reactor, tmp_path, extra=f"on_audit_failure = {policy}\n")
+    try:
+        assert (await rig.get("/v1/before"))[0] == 200
+        await rig.root.runtime.audit.stopService()
+        code, _, _ = await rig.get("/v1/after")
+        metrics = await metrics_text(rig)
+        if policy == "deny":
+            assert code == 503
+            assert [r["path"] for r in rig.received()] == ["/v1/before"]
+            assert ('appliance_secretproxy_refused_total{reason="audit_unavailable"} 1.0'
+                    in metrics)
+        else:
+            assert code == 200
+            assert [r["path"] for r in rig.received()] == ["/v1/before", "/v1/after"]
+        assert "appliance_secretproxy_audit_failures_total 1.0" in metrics
+        assert (await rig.get("/admin/x"))[0] == 403  # a denial stays a denial
+    finally:
+        await rig.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_metrics_and_status_hold_no_secrets(rig: Rig) -> None:
     """Metrics carry bounded labels and no secret; /status shows the upstream table."""

@@ -183,15 +183,18 @@ class AuditLog(AuditFile, Service):
             return self._refuse(*refused)
         return deferred
 
-    def record_encoded(self, fields: bytes, on_error: Callable[[Failure], object]) -> None:
+    def record_encoded(self, fields: bytes, on_error: Callable[[Failure], object]) -> bool:
         """
         L{write_encoded} for a caller that only wants to hear of failures:
         no Deferred per line. C{on_error} gets the L{Failure}, at once if the
         line is refused, else from the writer thread's report (in the reactor).
+        Returns whether the line was taken (False: refused at once).
         """
         refused = self._append(fields, _OnError(on_error))
-        if refused is not None:
-            self._refuse(*refused).addErrback(on_error)
+        if refused is None:
+            return True
+        self._refuse(*refused).addErrback(on_error)
+        return False
 
     def _append(self, fields: bytes, waiter: Deferred[int] | _OnError
                 ) -> tuple[AuditError, str] | None:

@@ -95,6 +95,7 @@ class SecretProxyConfig:
     max_connections: int
     max_connections_per_client: int
     access_log: bool
+    on_audit_failure: str
     pool_idle: int
     pool_idle_timeout: float
     rate_limit: Rate | None
@@ -127,6 +128,7 @@ def parse(section: Section) -> SecretProxyConfig:
         max_connections_per_client=section.get("max_connections_per_client",
                                                in_range(parse_int, 0), 0),
         access_log=section.get("access_log", parse_bool, False),
+        on_audit_failure=section.get("on_audit_failure", one_of("deny", "allow"), "deny"),
         pool_idle=section.get("pool_idle", in_range(parse_int, 0, 10_000), 64),
         pool_idle_timeout=section.get("pool_idle_timeout", in_range(parse_duration, 0.01),
                                       30.0),

@@ -8,7 +8,7 @@ from appliance.host.metrics import LATENCY_BUCKETS, FastHistogram
 
 REFUSALS = ("unknown_upstream", "bad_request", "unauthenticated", "auth_unavailable",
             "policy_denied", "secret_unavailable", "egress_refused", "bulkhead_full",
-            "injection_refused", "too_many_connections")
+            "injection_refused", "too_many_connections", "audit_unavailable")
 
 
 class ProxyMetrics:

@@ -208,15 +208,19 @@ class Pipeline:
         identity = state.identity
         assert identity is not None
         state.decision = "allow" if decision.allowed else "deny"
-        if self.decisions is not None:
-            self.decisions.record(state.request_id, identity.name, state.upstream.config.name,
-                                  exchange.head.method, state.decision, decision.reason,
-                                  decision.source, duration)
+        audited = self.decisions is None or self.decisions.record(
+            state.request_id, identity.name, state.upstream.config.name, exchange.head.method,
+            state.decision, decision.reason, decision.source, duration)
         if exchange.finished:
             return
         if not decision.allowed:
             self.metrics.refused("policy_denied")
             exchange.respond_error(403, "denied by policy")
+            return
+        if not audited and self.config.on_audit_failure == "deny":
+            # Every allowed request is on record, or it does not happen.
+            self.metrics.refused("audit_unavailable")
+            exchange.respond_error(503, "audit unavailable")
             return
         self._resolve_secret(exchange, state)
 

@@ -68,8 +68,12 @@ class DecisionAudit:
         self._parts: dict[Any, tuple[bytes, bytes, bytes]] = {}
 
     def record(self, request_id: bytes, identity: str, upstream: str, method: bytes,
-               verdict: str, reason: str, source: str, duration: float) -> None:
-        """Audit one decision (a write failure reaches C{on_error})."""
+               verdict: str, reason: str, source: str, duration: float) -> bool:
+        """
+        Audit one decision: whether the log took it (False: refused at once,
+        e.g. its queue is full or it stopped after a disk error). A later
+        write failure reaches C{on_error}.
+        """
         key = (identity, upstream, method, verdict, reason, source)
         parts = self._parts.get(key)
         if parts is None:
@@ -85,7 +89,7 @@ class DecisionAudit:
             if len(self._parts) >= _PARTS_MAX:
                 self._parts.clear()
             self._parts[key] = parts
-        self.audit.record_encoded(
+        return self.audit.record_encoded(
             b"%s%.6f%s%s%s" % (parts[0], duration, parts[1], request_id, parts[2]),
             self.on_error)
 
