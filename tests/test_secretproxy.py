@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_twisted
@@ -30,7 +31,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from appliance.http.errors import HTTPError
 from appliance.secretproxy.config import Injection
 from appliance.secretproxy.records import RequestIds
-from appliance.secretproxy.routes import render_injection
+from appliance.secretproxy.routes import render_injection, strip_query_param
 from appliance.secretproxy.upstreams import UpstreamRuntime
 from tests.canary import CANARY, check_text
 from tests.harness.certs import TestCA
@@ -444,6 +445,12 @@ async def test_basic_and_query_injection(reactor: Any, tmp_path: Path) -> None:
         record = rig.received()[0]
         assert "client-value" not in record["path"]
         assert record["path"].startswith("/v1/q?a=1&key=")
+        # Other spellings of the name decode to it upstream: dropped as well.
+        for spelling in ("%6Bey", "k%65y", "%6b%65%79"):
+            code, _, _ = await rig.get(f"/v1/q?{spelling}=client-value&a=1")
+            assert code == 200
+            path = rig.received()[-1]["path"]
+            assert "client-value" not in path and path.startswith("/v1/q?a=1&key="), path
     finally:
         await rig.close()
     basic = Rig(reactor, tmp_path / "b", upstream_extra="inject = basic\nbasic_user = api\n")
@@ -737,3 +744,25 @@ def test_request_id_from_any_header_value(value: bytes, repeated: bool) -> None:
         assert minted
     assert ids.mint() != ids.mint()
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.tuples(st.text(max_size=6), st.booleans(), st.text(max_size=6)),
+                      max_size=6),
+       name=st.sampled_from(["key", "api_key", "api key", "ключ"]))
+def test_a_clients_own_query_parameter_is_dropped_however_spelled(
+        parts: list[tuple[str, bool, str]], name: str) -> None:
+    """After stripping, no parameter decodes to the injected one's name; others stay."""
+    from urllib.parse import parse_qsl, quote_plus
+
+    encoded = []
+    for key, quoted, value in parts:
+        key = name if key == "" else key
+        encoded.append((quote_plus(key) if quoted else quote(key, safe="")) + "=" + value)
+    query = "&".join(encoded).encode("utf-8")
+    stripped = strip_query_param(query, name)
+    remaining = parse_qsl((stripped or b"").decode("utf-8"), keep_blank_values=True)
+    assert all(key != name for key, _ in remaining)
+    expected = [pair for pair in parse_qsl(query.decode("utf-8"), keep_blank_values=True)
+                if pair[0] != name]
+    assert remaining == expected

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from appliance.http.errors import HTTPError
 from appliance.http.normalize import BadRequest, header_value_is_safe, normalize_upstream_host
@@ -69,12 +69,16 @@ def render_injection(upstream: UpstreamConfig, secret: str) -> tuple[bytes, byte
 
 
 def strip_query_param(query: bytes | None, name: str) -> bytes | None:
-    """The query without any C{name=...} the client sent (the proxy owns it)."""
+    """
+    The query without any C{name=...} the client sent (the proxy owns it),
+    however the name is spelled: the upstream decodes C{%6Bey} or C{k+y}
+    like C{key}, so names are compared decoded.
+    """
     if not query:
         return query
-    key = quote(name, safe="").encode("ascii")
+    key = name.encode("utf-8")
     kept = [part for part in query.split(b"&")
-            if part.split(b"=", 1)[0] != key and part]
+            if part and unquote_to_bytes(part.split(b"=", 1)[0].replace(b"+", b" ")) != key]
     return b"&".join(kept) if kept else None
 
 
