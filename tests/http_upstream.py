@@ -11,7 +11,9 @@ received), and behaviours chosen by path:
 - C{/drop}: close the connection without answering;
 - C{/half}: send part of the body, then close;
 - C{/hold}: never answer (for client-disconnect tests);
-- C{.../own-id}: 200 with the upstream's own C{X-Request-Id: upstream-own-id}.
+- C{.../own-id}: 200 with the upstream's own C{X-Request-Id: upstream-own-id};
+- C{.../echo-back}: a 302 to the request's own URL (query included), echoing
+  the Authorization it received in C{X-Echo-Authorization} (as careless APIs do).
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ class Behaviour(resource.Resource):
             request.write(b"x" * 100)
             self.reactor.callLater(0.05, request.channel.transport.abortConnection)
             return server.NOT_DONE_YET
+        if path.split("?")[0].endswith("/echo-back"):
+            request.setResponseCode(302)
+            request.setHeader(b"location", b"https://api.upstream.test" + request.uri)
+            request.setHeader(b"x-echo-authorization",
+                              request.getHeader(b"authorization") or b"-")
+            return b"moved\n"
         if path.endswith("/own-id"):
             request.setHeader(b"x-request-id", b"upstream-own-id")
             return b"ok\n"

@@ -435,6 +435,35 @@ async def test_egress_to_loopback_needs_an_explicit_allow(reactor: Any,
         await rig.close()
 
 
+@pytest.mark.parametrize("injection", ["header", "query", "basic"])
+@pytest_twisted.ensureDeferred
+async def test_a_secret_echoed_by_the_upstream_never_reaches_the_client(
+        reactor: Any, tmp_path: Path, injection: str) -> None:
+    """
+    An upstream that redirects to the request's own URL (the injected query
+    key included) or echoes the Authorization it got: the client sees the
+    redirect and the header, with the secret masked in every spelling.
+    """
+    extra = {"header": "", "query": "inject = query\nquery_param = key\n",
+             "basic": "inject = basic\nbasic_user = api\n"}[injection]
+    rig = Rig(reactor, tmp_path, upstream_extra=extra)
+    try:
+        code, _, headers = await rig.get("/v1/echo-back?a=1")
+        assert code == 302
+        location = headers.getRawHeaders("location")[0]
+        echoed = headers.getRawHeaders("x-echo-authorization")[0]
+        received = rig.received()[0]
+        if injection == "query":
+            assert CANARY in received["path"] and "[REDACTED]" in location
+        else:
+            assert header(received, "authorization") and "[REDACTED]" in echoed
+        basic = base64.b64encode(f"api:{CANARY}".encode()).decode()
+        for text in (location, echoed):
+            assert CANARY not in text and basic not in text
+    finally:
+        await rig.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_basic_and_query_injection(reactor: Any, tmp_path: Path) -> None:
     """Basic auth and query parameter injection; a client's own parameter is dropped."""

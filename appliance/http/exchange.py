@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from appliance.http.server import ProxyServerProtocol
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+MASKED = b"[REDACTED]"
 UPSTREAM_FAILURES = ("unreachable", "tls", "closed", "bad_response", "timeout")
 """L{Exchange.failure} values: dial failed, TLS handshake or verification failed, the connection
 closed early, an invalid response, a response or total deadline passed."""
@@ -51,6 +52,15 @@ class UpstreamPlan:
     retries: int = 0
     gzip: bool = True
     on_response_head: Any = None  # callable(exchange, head) -> UpstreamPlan | None (a retry)
+    masks: tuple[bytes, ...] = ()  # values masked wherever the response head echoes them
+
+
+def _masked(head: bytes, masks: tuple[bytes, ...]) -> bytes:
+    """C{head} with every occurrence of each mask replaced (the common case: none)."""
+    for mask in masks:
+        if mask in head:
+            head = head.replace(mask, MASKED)
+    return head
 
 
 @define(slots=True, eq=False)
@@ -325,7 +335,10 @@ class Exchange:
             lines.append(b"Connection: close")
         self._keep_client = keep
         lines.append(b"\r\n")
-        return b"\r\n".join(lines)
+        out = b"\r\n".join(lines)
+        if plan is not None and plan.masks:
+            out = _masked(out, plan.masks)
+        return out
 
     def _accepts_gzip(self) -> bool:
         accept = self.head.fields.get(b"accept-encoding")

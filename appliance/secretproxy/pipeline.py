@@ -340,6 +340,7 @@ class Pipeline:
             retries=config.retries if retry_ok else 0,
             gzip=config.gzip,
             on_response_head=self._on_response_head if retry_ok else None,
+            masks=upstream.masks(state.secret_value),
         )
 
     def _on_response_head(self, exchange: Exchange, head: Any) -> Any:

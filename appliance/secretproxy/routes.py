@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, quote_plus, unquote_to_bytes
 
 from appliance.http.errors import HTTPError
 from appliance.http.normalize import BadRequest, header_value_is_safe, normalize_upstream_host
@@ -66,6 +66,25 @@ def render_injection(upstream: UpstreamConfig, secret: str) -> tuple[bytes, byte
     if not header_value_is_safe(value):
         raise HTTPError(502, "rendered injection is not usable in a request")
     return injection.header, value
+
+
+MIN_MASKED = 4
+"""Secret spellings shorter than this are not masked (they would shred every header)."""
+
+
+def echo_masks(upstream: UpstreamConfig, secret: str) -> tuple[bytes, ...]:
+    """
+    The spellings of C{secret} an upstream may echo back in a response head
+    (a redirect to the request's own URL, a debug header): as is,
+    percent-encoded as injected into a query, form-encoded, and, for basic
+    injection, the base64 credentials.
+    """
+    raw = secret.encode("utf-8")
+    masks = {raw, quote(secret, safe="").encode("ascii"), quote_plus(secret).encode("ascii")}
+    if upstream.injection.kind == "basic":
+        masks.add(base64.b64encode(f"{upstream.injection.basic_user}:{secret}".encode()))
+    # Longest first, so that a spelling containing another is masked whole.
+    return tuple(sorted((m for m in masks if len(m) >= MIN_MASKED), key=len, reverse=True))
 
 
 def strip_query_param(query: bytes | None, name: str) -> bytes | None:

@@ -13,7 +13,7 @@ from attrs import define, field
 
 from appliance.http.upstream import UpstreamTarget
 from appliance.secretproxy.config import UpstreamConfig
-from appliance.secretproxy.routes import render_injection
+from appliance.secretproxy.routes import echo_masks, render_injection
 
 MAX_TARGETS = 64  # connection targets kept per upstream
 
@@ -32,8 +32,8 @@ class UpstreamRuntime:
     drop: frozenset[bytes]
     client_tls: Any
     host_line: bytes = field(init=False)
-    _injection: tuple[str, tuple[bytes | None, bytes | None]] | None = field(init=False,
-                                                                             default=None)
+    _injection: tuple[str, tuple[bytes | None, bytes | None], tuple[bytes, ...]] | None = \
+        field(init=False, default=None)
     _targets: dict[str, UpstreamTarget] = field(init=False, factory=dict)
     _address: tuple[Any, str] = field(init=False, default=(None, ""))
 
@@ -55,8 +55,15 @@ class UpstreamRuntime:
             found: tuple[bytes | None, bytes | None] = (None, rendered[0] + b": " + rendered[1])
         else:
             found = (rendered, None)  # type: ignore[assignment]
-        self._injection = (secret, found)
+        self._injection = (secret, found, echo_masks(self.config, secret))
         return found
+
+    def masks(self, secret: str) -> tuple[bytes, ...]:
+        """L{echo_masks} of C{secret} (of the current value: computed with its injection)."""
+        cached = self._injection
+        if cached is not None and cached[0] == secret:
+            return cached[2]
+        return echo_masks(self.config, secret)
 
     def target(self, address: str) -> UpstreamTarget:
         """The (interned) connection target for one vetted address."""
