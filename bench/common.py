@@ -161,6 +161,26 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def serve(protocol: type, port_file: Path, backlog: int = 50) -> int:
+    """
+    Run a peer or reference server of this package until it is killed:
+    C{protocol} on a loopback port the kernel picks, on the epoll reactor,
+    the port's number published to C{port_file} once it listens.
+    """
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    factory: Any = Factory.forProtocol(protocol)
+    factory.noisy = False
+    port = reactor.listenTCP(0, factory, backlog=backlog, interface="127.0.0.1")
+    publish_port(port_file, port.getHost().port)
+    reactor.run()  # type: ignore[attr-defined]
+    return 0
+
+
 def publish_port(path: Path, port: int) -> None:
     """Write a listening port's number to C{path} for the harness, atomically
     (the harness never reads half a number)."""

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 
-from bench.common import publish_port
+from bench.common import serve
 
 DROPPED = (b"connection", b"authorization", b"x-session-secret", b"x-upstream-host", b"host")
 
@@ -134,20 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="written with the port number once listening")
     args = parser.parse_args(argv)
 
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor
-
     Client.upstream_port = args.upstream_port
     Client.host_line = b"Host: " + args.upstream_host.encode("ascii")
     Client.injected = args.inject.encode("ascii")
-    factory: Any = Factory.forProtocol(Client)
-    factory.noisy = False
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    publish_port(args.port_file, port.getHost().port)
-    reactor.run()
-    return 0
+    return serve(Client, args.port_file)
 
 
 if __name__ == "__main__":

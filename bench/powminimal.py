@@ -26,13 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 
 from appliance.host.peers import peer_host
 from appliance.http.fastwrite import close_now, read_now, write_now
 from appliance.pow.challenge import Challenge, ChallengeSigner, offer_json, work_is_done
 from appliance.pow.frames import FrameDecoder, MessageType, ProtocolError, encode, encode_text
 from appliance.pow.quotes import load_quote_file
+from bench.common import serve
 
 LIFETIME_MS = 60_000
 SPENT_PRUNE_AT = 1_000_000
@@ -107,23 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="written with the port number once listening")
     args = parser.parse_args(argv)
 
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor
-
-    from bench.common import publish_port
-
     MinimalPow.signer = ChallengeSigner({"bench": os.urandom(32)}, "bench")
     MinimalPow.difficulty = args.difficulty
     MinimalPow.quotes = [encode(MessageType.QUOTE, quote.to_json())
                          for quote in load_quote_file(None)]
-    factory: Any = Factory.forProtocol(MinimalPow)
-    factory.noisy = False
-    port = reactor.listenTCP(0, factory, backlog=args.backlog, interface="127.0.0.1")
-    publish_port(args.port_file, port.getHost().port)
-    reactor.run()
-    return 0
+    return serve(MinimalPow, args.port_file, args.backlog)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 
-from bench.common import publish_port
+from bench.common import serve
 
 
 class WriteAndClose(Protocol):
@@ -44,18 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="listen backlog (default 50, Twisted's)")
     args = parser.parse_args(argv)
 
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor
-
     WriteAndClose.payload = args.payload.read_bytes()
-    factory: Any = Factory.forProtocol(WriteAndClose)
-    factory.noisy = False
-    port = reactor.listenTCP(0, factory, backlog=args.backlog, interface="127.0.0.1")
-    publish_port(args.port_file, port.getHost().port)
-    reactor.run()
-    return 0
+    return serve(WriteAndClose, args.port_file, args.backlog)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.host.redact import MASK
 from appliance.http.body import LAST_CHUNK, BodyDecoder, chunk
 from appliance.http.errors import HTTPError, error_response, phrase
 from appliance.http.head import RequestHead, ResponseHead
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from appliance.http.server import ProxyServerProtocol
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-MASKED = b"[REDACTED]"
+MASKED = MASK.encode("ascii")
 UPSTREAM_FAILURES = ("unreachable", "tls", "closed", "bad_response", "timeout")
 """L{Exchange.failure} values: dial failed, TLS handshake or verification failed, the connection
 closed early, an invalid response, a response or total deadline passed."""

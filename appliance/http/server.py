@@ -23,6 +23,10 @@ from appliance.http.head import find_head_end, parse_request_head
 from appliance.http.upstream import UpstreamPool
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+TOO_MANY_CONNECTIONS = "too many connections"
+TOO_MANY_FROM_CLIENT = "too many connections from one client"
+CONNECTION_REFUSALS = frozenset({TOO_MANY_CONNECTIONS, TOO_MANY_FROM_CLIENT})
+"""The reasons L{ProxyServerFactory.admit} refuses a connection with (and reports)."""
 
 
 class RequestHandler(TypingProtocol):
@@ -319,13 +323,13 @@ class ProxyServerFactory(Factory):
         """Count a new connection against the limits; the reason when it is over one."""
         limits = self.limits
         if len(self.tracker) >= limits.max_connections:
-            return "too many connections"
+            return TOO_MANY_CONNECTIONS
         per_client = limits.max_connections_per_client
         if per_client:
             host = peer_host(protocol.transport)
             count = self._per_client.get(host, 0)
             if count >= per_client:
-                return "too many connections from one client"
+                return TOO_MANY_FROM_CLIENT
             self._per_client[host] = count + 1
             protocol.counted_as = host
         return ""

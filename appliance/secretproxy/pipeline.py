@@ -70,7 +70,6 @@ class Pipeline:
         self.secrets = secrets
         self.limits = limits
         self.metrics = metrics
-        self.audit = audit
         self.clock = clock
         # Failures that repeat per request (a store or an upstream down) are
         # throttled: the service keeps one across reloads and flushes it at stop.

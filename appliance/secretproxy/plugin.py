@@ -14,7 +14,7 @@ from appliance.host.plugin import READY, Readiness, ReloadNotSupported
 from appliance.host.runtime import Runtime
 from appliance.http.egress import EgressPolicy, EgressResolver
 from appliance.http.headers import ENGINE_OWNED_REQUEST
-from appliance.http.server import ProxyServerFactory, ServerLimits
+from appliance.http.server import CONNECTION_REFUSALS, ProxyServerFactory, ServerLimits
 from appliance.http.upstream import UpstreamPool
 from appliance.policy import build_policy
 from appliance.resilience import Bulkhead
@@ -79,7 +79,7 @@ class SecretProxyService(HostedService):
 
     def _rejected(self, status: int, reason: str) -> None:
         """A connection or request refused by the engine, before the pipeline."""
-        self.metrics.refused("too_many_connections" if reason.startswith("too many connections")
+        self.metrics.refused("too_many_connections" if reason in CONNECTION_REFUSALS
                              else "bad_request")
 
     def _upstream(self, config: UpstreamConfig) -> UpstreamRuntime:
